@@ -1,0 +1,128 @@
+"""Fused functional ops: each picks its backend, and the torch composite is the reference.
+
+``conv_bn_act(x, conv, bn, act)``  conv (cuDNN; fusion level L1) -> BatchNorm (optional) -> activation
+``batch_norm_act(z, ...)``          BatchNorm (optional) -> activation, the fused part
+``sigmoid_bce(logits, target)``     mean BCE from logits with a constant target, fp32 result
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import backends
+from .ops import ACTIVATIONS
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_float(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be floating point (float32, float16, bfloat16 or float64), got {t.dtype}; "
+                        f"convert it with .float()")
+
+
+def check_device(name, t, device):
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the layer's parameters are on {device}; "
+                         f"move both to one device with .to(device)")
+
+
+def _stat_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _torch_act(y, act, slope):
+    if act == "relu":
+        return F.relu(y)
+    if act == "leaky_relu":
+        return F.leaky_relu(y, slope)
+    if act == "tanh":
+        return torch.tanh(y)
+    return y
+
+
+def batch_norm_act(z, weight=None, bias=None, running_mean=None, running_var=None, *, normalize=True,
+                   batch_stats=True, momentum=0.1, eps=1e-5, act="none", slope=0.01, backend=None):
+    """act(BatchNorm(z)), or act(z) when ``normalize`` is False.
+
+    z: (N, C, *spatial) or (N, C), any float dtype, NCHW or channels_last.  weight/bias: (C,) or None.
+    ``batch_stats`` normalises with the batch statistics and updates the running stats given (in place);
+    otherwise the running stats normalise.  Returns y with z's shape, dtype and memory format."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+    which = backends.resolve(backend, z.device)
+    if which == "torch":
+        if normalize:
+            z = F.batch_norm(z, running_mean, running_var, weight, bias, batch_stats, momentum, eps)
+        return _torch_act(z, act, slope)
+    ops = _ops(which)
+    if not (z.is_contiguous() or (z.dim() == 4 and z.is_contiguous(memory_format=torch.channels_last))):
+        z = z.contiguous()
+    mean = invstd = None
+    if normalize and batch_stats:
+        mean, invstd = ops.channel_stats(z.detach(), running_mean, running_var, float(momentum), float(eps))
+    elif normalize:
+        mean = running_mean.to(_stat_dtype(z), copy=True)
+        invstd = torch.rsqrt(running_var.to(_stat_dtype(z)) + eps)
+    return ops.bn_act(z, mean, invstd, weight, bias, batch_stats, ACTIVATIONS[act], float(slope))
+
+
+def sigmoid_bce(logits, target, backend=None):
+    """mean(BCE(sigmoid(logits), target)) for a constant target, as a 0-dim fp32 tensor (fp64 for fp64)."""
+    check_float("logits", logits)
+    which = backends.resolve(backend, logits.device)
+    if which == "torch":
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+    return _ops(which).sigmoid_bce(logits, float(target))[0]
+
+
+def _ops(which):
+    if which == "triton":
+        from . import ops
+    else:
+        from . import _build
+
+        ops = _build.load_ops()
+    return ops
+
+
+def _check_input(x, conv):
+    check_float("input", x)
+    check_device("input", x, conv.weight.device)
+    if isinstance(conv, nn.Linear):
+        expected, rank, channels = f"(N, {conv.in_features})", 2, conv.in_features
+    else:
+        expected, rank, channels = f"(N, {conv.in_channels}, H, W)", 4, conv.in_channels
+    if x.dim() != rank or x.shape[1] != channels:
+        raise ValueError(f"{type(conv).__name__} expects input of shape {expected}, got {tuple(x.shape)}")
+
+
+def bn_module_args(bn, z):
+    """What nn.BatchNorm's forward would use (and does to num_batches_tracked), as batch_norm_act kwargs."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    if batch_stats and z.numel() // z.shape[1] <= 1:
+        raise ValueError(f"BatchNorm in training mode needs more than one value per channel, got input of shape "
+                         f"{tuple(z.shape)}; use a batch of 2 or more, or call .eval()")
+    return dict(weight=bn.weight, bias=bn.bias, running_mean=bn.running_mean if track else None,
+                running_var=bn.running_var if track else None, batch_stats=batch_stats, momentum=momentum,
+                eps=bn.eps)
+
+
+def conv_bn_act(x, conv, bn=None, act="none", slope=0.01, backend=None):
+    """act(bn(conv(x))) with the modules' own parameters and buffers; bn may be None.
+
+    conv: nn.Conv2d, nn.ConvTranspose2d or nn.Linear (any kernel size, stride, padding);
+    bn: nn.BatchNorm1d/2d or None.  Updates bn's running stats exactly as bn(conv(x)) would."""
+    _check_input(x, conv)
+    z = conv(x)
+    if bn is None:
+        return batch_norm_act(z, normalize=False, act=act, slope=slope, backend=backend)
+    return batch_norm_act(z, act=act, slope=slope, backend=backend, **bn_module_args(bn, z))

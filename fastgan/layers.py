@@ -1,0 +1,116 @@
+"""Fused layers: an nn.Sequential that runs conv -> BatchNorm -> activation runs as fused ops.
+
+FusedSequential keeps the very same child modules as the Sequential it replaces, so its
+state_dict keys, ``.apply(init_fn)``, optimizers and checkpoints are unchanged; only its
+forward differs.
+"""
+from collections import OrderedDict
+from typing import NamedTuple, Optional
+
+from torch import nn
+
+from . import backends
+from .functional import conv_bn_act
+
+CONVS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)  # exact types: SyncBatchNorm and friends keep their own forward
+
+
+class FusedStep(NamedTuple):
+    conv: str
+    bn: Optional[str]
+    act: str
+    slope: float
+    last: int  # index of the last module the step covers
+
+
+def _activation(module):
+    if type(module) is nn.ReLU:
+        return "relu", 0.0
+    if type(module) is nn.LeakyReLU:
+        return "leaky_relu", module.negative_slope
+    if type(module) is nn.Tanh:
+        return "tanh", 0.0
+    return None
+
+
+def _out_channels(conv):
+    return conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
+
+
+def plan(modules):
+    """Group an ordered list of (name, module) into FusedSteps and single module names."""
+    steps, i = [], 0
+    while i < len(modules):
+        name, module = modules[i]
+        if isinstance(module, CONVS):
+            j, bn = i + 1, None
+            if j < len(modules) and type(modules[j][1]) in NORMS and modules[j][1].num_features == _out_channels(module):
+                bn, j = modules[j][0], j + 1
+            act = _activation(modules[j][1]) if j < len(modules) else None
+            if act is not None:
+                j += 1
+            if bn is not None or act is not None:
+                steps.append(FusedStep(name, bn, *(act or ("none", 0.0)), last=j - 1))
+                i = j
+                continue
+        steps.append(name)
+        i += 1
+    return steps
+
+
+class FusedSequential(nn.Sequential):
+    """nn.Sequential whose conv/linear -> BatchNorm -> ReLU|LeakyReLU|Tanh runs are fused.
+
+    The fusion is planned at construction: call :func:`fuse` again after editing the children."""
+
+    def __init__(self, *args, backend="auto"):
+        super().__init__(*args)
+        self.backend = backends.check_name(backend)
+        self._steps = plan(list(self._modules.items()))
+        self._index = {name: i for i, name in enumerate(self._modules)}
+
+    @property
+    def fused_steps(self):
+        return [step for step in self._steps if isinstance(step, FusedStep)]
+
+    def forward(self, x, end=None):
+        """Run the children with index < ``end`` (all by default)."""
+        end = len(self) if end is None else end
+        modules = self._modules
+        for step in self._steps:
+            if isinstance(step, FusedStep):
+                if step.last >= end:
+                    break
+                bn = modules[step.bn] if step.bn is not None else None
+                x = conv_bn_act(x, modules[step.conv], bn, step.act, step.slope, self.backend)
+            else:
+                if self._index[step] >= end:
+                    break
+                x = modules[step](x)
+        return x
+
+    def extra_repr(self):
+        return f"backend={self.backend!r}, fused={len(self.fused_steps)}"
+
+
+def fuse(model, backend="auto"):
+    """Make every nn.Sequential in ``model`` (and ``model`` itself) a FusedSequential sharing its modules.
+
+    Parameters, buffers and state_dict keys stay the same.  Returns the fused model; it is ``model``
+    itself unless ``model`` is an nn.Sequential."""
+    backends.check_name(backend)
+    if isinstance(model, nn.Sequential):
+        return _fused(model, backend)
+    for name, child in model.named_children():
+        fused = fuse(child, backend)
+        if fused is not child:
+            setattr(model, name, fused)
+    return model
+
+
+def _fused(seq, backend):
+    children = OrderedDict((name, fuse(child, backend)) for name, child in seq.named_children())
+    fused = FusedSequential(children, backend=backend)
+    fused.training = seq.training  # not .train(), which would reset the children's modes
+    return fused

@@ -1,0 +1,102 @@
+"""Drop-in DCGAN models: the reference architectures with fused forward and backward."""
+from collections import OrderedDict
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from . import backends, reference
+from .layers import FusedSequential
+from .losses import discriminator_loss, generator_loss
+
+
+class Generator(reference.Generator):
+    """examples/dcgan's Generator, same init, same state_dict keys; conv->BN->ReLU and conv->Tanh fused.
+
+    z (N, nz, 1, 1) -> image (N, nc, 64, 64)."""
+
+    def __init__(self, nz=100, ngf=64, nc=3, backend="auto"):
+        super().__init__(nz, ngf, nc)
+        self.main = FusedSequential(OrderedDict(self.main.named_children()), backend=backend)
+
+
+class Discriminator(reference.Discriminator):
+    """examples/dcgan's Discriminator, same init, same state_dict keys; conv->BN->LeakyReLU fused.
+
+    image (N, nc, 64, 64) -> probability (N,); :meth:`logits` gives the pre-sigmoid (N,) for fused losses."""
+
+    def __init__(self, nc=3, ndf=64, backend="auto"):
+        super().__init__(nc, ndf)
+        self.main = FusedSequential(OrderedDict(self.main.named_children()), backend=backend)
+
+    def logits(self, x):
+        return self.main(x, end=len(self.main) - 1).view(-1)
+
+    def forward(self, x):
+        return torch.sigmoid(self.logits(x))
+
+
+class StepResult(NamedTuple):
+    """Losses and mean D outputs of one train step, as 0-dim tensors (read them with .item() when needed)."""
+    loss_d: torch.Tensor
+    loss_g: torch.Tensor
+    d_x: torch.Tensor
+    d_g_z1: torch.Tensor
+    d_g_z2: torch.Tensor
+
+
+class DCGAN(nn.Module):
+    """A Generator and a Discriminator with fused losses and the examples/dcgan train step."""
+
+    def __init__(self, nz=100, ngf=64, ndf=64, nc=3, backend="auto"):
+        super().__init__()
+        self.nz = nz
+        self.backend = backends.check_name(backend)
+        self.generator = Generator(nz, ngf, nc, backend)
+        self.discriminator = Discriminator(nc, ndf, backend)
+
+    def d_loss(self, real_images, fake_images, label_smoothing=0.0):
+        """D's loss on a real and a fake batch; the fakes are detached, so no gradient reaches G."""
+        d = self.discriminator
+        return discriminator_loss(d.logits(real_images), d.logits(fake_images.detach()), label_smoothing,
+                                  self.backend)
+
+    def g_loss(self, fake_images):
+        """G's non-saturating loss on its fakes (D is applied, gradients flow into G)."""
+        return generator_loss(self.discriminator.logits(fake_images), self.backend)
+
+    def sample_noise(self, batch_size, device=None):
+        device = device if device is not None else next(self.generator.parameters()).device
+        return torch.randn(batch_size, self.nz, 1, 1, device=device)
+
+    def train_step(self, real, opt_g, opt_d, noise=None, label_smoothing=0.0):
+        """One step of the examples/dcgan loop: update D on real and on G(noise).detach(), then G.
+
+        ``noise`` defaults to N(0, 1) of shape (N, nz, 1, 1), drawn after D's real pass as the reference does.
+        D's weight gradients are not computed during the G update, where the reference throws them away."""
+        G, D = self.generator, self.discriminator
+        D.zero_grad()
+        real_logits = D.logits(real)
+        if noise is None:
+            noise = self.sample_noise(real.shape[0], real.device)
+        fake = G(noise)
+        fake_logits = D.logits(fake.detach())
+        loss_d = discriminator_loss(real_logits, fake_logits, label_smoothing, self.backend)
+        loss_d.backward()
+        opt_d.step()
+
+        G.zero_grad()
+        d_params = [p for p in D.parameters() if p.requires_grad]
+        for p in d_params:
+            p.requires_grad_(False)
+        try:
+            fake_logits_g = D.logits(fake)
+            loss_g = generator_loss(fake_logits_g, self.backend)
+            loss_g.backward()
+        finally:
+            for p in d_params:
+                p.requires_grad_(True)
+        opt_g.step()
+        with torch.no_grad():
+            return StepResult(loss_d.detach(), loss_g.detach(), torch.sigmoid(real_logits).mean(),
+                              torch.sigmoid(fake_logits).mean(), torch.sigmoid(fake_logits_g).mean())
