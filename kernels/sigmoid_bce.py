@@ -17,7 +17,8 @@ from . import outputs
 def _log1p(x):
     # log1p without libdevice: corrects log(1+x) for the rounding of 1+x (exact enough for x in [0, 1]).
     u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+    exact = u == 1.0
+    return tl.where(exact, x, tl.log(u) * (x / tl.where(exact, 1.0, u - 1.0)))
 
 
 @triton.jit
