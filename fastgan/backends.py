@@ -46,15 +46,20 @@ def interpreter_enabled():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
+_triton_import_error = ...  # unknown until asked; a plain global (not functools.cache) so dynamo can trace it
+
+
 def triton_import_error():
     """None when triton imports, else the reason it does not."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    global _triton_import_error
+    if _triton_import_error is ...:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _triton_import_error = None
+        except Exception as exc:  # ImportError, or a broken install
+            _triton_import_error = f"{type(exc).__name__}: {exc}"
+    return _triton_import_error
 
 
 def _triton_problem(device):

@@ -4,9 +4,14 @@ import importlib
 import sys
 
 COMMANDS = {
+    "train": "fastgan.train",
+    "sample": "fastgan.sample",
+    "interpolate": "fastgan.interpolate",
     "demo": "fastgan.demo",
+    "bench": "fastgan.bench",
+    "profile": "fastgan.profiling",
 }
-DEFAULT_COMMAND = "demo"
+DEFAULT_COMMAND = "train"
 
 
 def main(argv=None):

@@ -43,15 +43,23 @@ def _torch_act(y, act, slope):
 
 
 def batch_norm_act(z, weight=None, bias=None, running_mean=None, running_var=None, *, normalize=True,
-                   batch_stats=True, momentum=0.1, eps=1e-5, act="none", slope=0.01, backend=None):
+                   batch_stats=True, momentum=0.1, eps=1e-5, act="none", slope=0.01, backend=None,
+                   process_group=None):
     """act(BatchNorm(z)), or act(z) when ``normalize`` is False.
 
     z: (N, C, *spatial) or (N, C), any float dtype, NCHW or channels_last.  weight/bias: (C,) or None.
     ``batch_stats`` normalises with the batch statistics and updates the running stats given (in place);
-    otherwise the running stats normalise.  Returns y with z's shape, dtype and memory format."""
+    otherwise the running stats normalise.  Returns y with z's shape, dtype and memory format.
+    ``process_group``: with batch statistics, take them over every rank of the group (SyncBatchNorm);
+    see fastgan.distributed.sync_batch_norm_act."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
     which = backends.resolve(backend, z.device)
+    if process_group is not None and normalize and batch_stats:
+        from .distributed import sync_batch_norm_act  # distributed imports this module
+
+        return sync_batch_norm_act(z, weight, bias, running_mean, running_var, momentum, eps, act, slope, which,
+                                   process_group)
     if which == "torch":
         if normalize:
             z = F.batch_norm(z, running_mean, running_var, weight, bias, batch_stats, momentum, eps)
@@ -113,7 +121,7 @@ def bn_module_args(bn, z):
                          f"{tuple(z.shape)}; use a batch of 2 or more, or call .eval()")
     return dict(weight=bn.weight, bias=bn.bias, running_mean=bn.running_mean if track else None,
                 running_var=bn.running_var if track else None, batch_stats=batch_stats, momentum=momentum,
-                eps=bn.eps)
+                eps=bn.eps, process_group=getattr(bn, "process_group", None))  # set by distributed.sync_batchnorm
 
 
 def conv_bn_act(x, conv, bn=None, act="none", slope=0.01, backend=None):

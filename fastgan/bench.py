@@ -1,0 +1,483 @@
+"""Time one examples/dcgan train step of each implementation side by side, and print the table.
+
+The peers run in this one process, one after another (DESIGN.md section 6):
+
+  eager                  the reference models of fastgan.reference, in eager PyTorch
+  compile                torch.compile of the reference G and D (default mode)
+  compile-max-autotune   the same with mode="max-autotune"
+  fastgan-<backend>      fastgan.DCGAN with the torch, triton or cuda backend
+
+With --dtype bf16 every peer runs channels_last under bf16 autocast; the reference's nn.BCELoss
+takes fp32 probabilities, as autocast requires. On CUDA every peer uses torch's fused Adam. The
+first step (compilation, cuDNN autotuning) is reported apart; after the warm-up steps, each
+timed step starts on an idle device and ends when the device finishes. On CPU, torch.compile
+uses backend="aot_eager", which needs no C++ toolchain.
+"""
+import datetime
+import gc
+import platform
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import backends, flops, reference
+from .layers import FusedStep, plan
+from .models import DCGAN
+
+FASTGAN_BACKENDS = tuple(b for b in backends.BACKENDS if b != "auto")
+COMPILE_MODES = ("default", "max-autotune")
+DTYPES = ("fp32", "bf16")
+DEFAULT_RESULTS = Path("benchmarks") / "RESULTS.md"
+
+
+@dataclass(frozen=True)
+class Config:
+    """One benchmark configuration: 64x64 images, nz=100, nc=3."""
+    batch: int = 128
+    ngf: int = 64
+    ndf: int = 64
+    dtype: str = "fp32"  # "fp32" | "bf16" (bf16 autocast, channels_last)
+    nz: int = 100
+
+    def __str__(self):
+        return f"b{self.batch}-g{self.ngf}-d{self.ndf}-{self.dtype}"
+
+    @property
+    def autocast_dtype(self):
+        return torch.bfloat16 if self.dtype == "bf16" else None
+
+    @property
+    def memory_format(self):
+        return torch.channels_last if self.dtype == "bf16" else torch.contiguous_format
+
+
+class Peer(NamedTuple):
+    name: str
+    compile_mode: Optional[str] = None  # torch.compile mode of the reference
+    backend: Optional[str] = None  # fastgan backend; None for the reference models
+
+    def __str__(self):
+        return self.name
+
+
+EAGER = Peer("eager")
+
+
+def compile_peer(mode):
+    return Peer("compile" if mode == "default" else f"compile-{mode}", compile_mode=mode)
+
+
+def fastgan_peer(backend):
+    return Peer(f"fastgan-{backend}", backend=backend)
+
+
+def train_step_peers(fastgan_backends=FASTGAN_BACKENDS, compile_modes=COMPILE_MODES):
+    return [EAGER, *map(compile_peer, compile_modes), *map(fastgan_peer, fastgan_backends)]
+
+
+def problem(peer, config, device):
+    """Why ``peer`` cannot run ``config`` on ``device``, or None when it can."""
+    if peer.compile_mode == "max-autotune" and device.type != "cuda":
+        return "mode='max-autotune' tunes GPU kernels: needs CUDA"
+    if peer.backend is not None:
+        try:
+            backends.resolve(peer.backend, device)
+        except backends.BackendUnavailable as exc:
+            return str(exc)
+        if peer.backend == "triton" and device.type == "cpu" and config.dtype == "bf16":
+            return "the Triton interpreter (CPU) does not handle bf16"
+    return None
+
+
+class Autocast(nn.Module):
+    """``module`` run under autocast; ``fp32_output`` returns fp32 (nn.BCELoss refuses autocast)."""
+
+    def __init__(self, module, dtype, fp32_output=False):
+        super().__init__()
+        self.module, self.dtype, self.fp32_output = module, dtype, fp32_output
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            y = self.module(x)
+        return y.float() if self.fp32_output else y
+
+
+def reference_networks(config, device, seed=0):
+    """The reference (G, D), seeded, on ``device`` in the config's memory format."""
+    torch.manual_seed(seed)
+    g = reference.Generator(config.nz, config.ngf).to(device, memory_format=config.memory_format)
+    d = reference.Discriminator(ndf=config.ndf).to(device, memory_format=config.memory_format)
+    return g, d
+
+
+def fastgan_model(backend, config, device, seed=0):
+    """fastgan.DCGAN with ``backend``, seeded like :func:`reference_networks` (same initial weights)."""
+    torch.manual_seed(seed)
+    gan = DCGAN(config.nz, config.ngf, config.ndf, backend=backend)
+    return gan.to(device, memory_format=config.memory_format)
+
+
+def for_peer(module, peer, config, device, fp32_output=False):
+    """``module`` as ``peer`` runs it: under autocast for bf16, then compiled for compile peers.
+
+    Compiling resets torch._dynamo first, so that earlier configurations neither use up the
+    recompile limit nor turn on dynamic shapes; peers are built and run one at a time."""
+    if config.autocast_dtype is not None:
+        module = Autocast(module, config.autocast_dtype, fp32_output)
+    if peer.compile_mode is None:
+        return module
+    torch._dynamo.reset()
+    mode = None if peer.compile_mode == "default" else peer.compile_mode
+    return torch.compile(module, mode=mode, dynamic=False,
+                         backend="inductor" if device.type == "cuda" else "aot_eager")
+
+
+def optimizer_kwargs(device):
+    return {"fused": True} if device.type == "cuda" else {}
+
+
+def sample_batch(config, device):
+    """Fixed random (real images in [-1, 1], noise): timing needs no dataset."""
+    real = torch.rand(config.batch, 3, 64, 64, device=device).mul_(2).sub_(1)
+    noise = torch.randn(config.batch, config.nz, 1, 1, device=device)
+    return real.contiguous(memory_format=config.memory_format), noise
+
+
+def make_train_step(peer, config, device, seed=0):
+    """A no-argument callable that runs one train step of ``peer``: D on real, D on G(z).detach(),
+    D on G(z), both Adam updates (reference.train_step, or DCGAN.train_step for fastgan peers).
+    Its first call compiles, for compile peers."""
+    real, noise = sample_batch(config, device)
+    if peer.backend is not None:
+        gan = fastgan_model(peer.backend, config, device, seed)
+        opt_g, opt_d = reference.make_optimizers(gan.generator, gan.discriminator, **optimizer_kwargs(device))
+        amp = config.autocast_dtype
+
+        def fastgan_step():
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                return gan.train_step(real, opt_g, opt_d, noise=noise)
+
+        return fastgan_step
+    g, d = reference_networks(config, device, seed)
+    opt_g, opt_d = reference.make_optimizers(g, d, **optimizer_kwargs(device))
+    run_g, run_d = for_peer(g, peer, config, device), for_peer(d, peer, config, device, fp32_output=True)
+    cudagraphs = peer.compile_mode == "max-autotune"
+
+    def reference_step():
+        if cudagraphs:  # a new iteration: CUDA-graph outputs of the previous step may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        return reference.train_step(run_g, run_d, real, noise, opt_g, opt_d)
+
+    return reference_step
+
+
+class FusedLayer(NamedTuple):
+    """The BN/activation part of one conv -> BN? -> act step of the reference DCGAN."""
+    name: str  # G1..G5, D1..D4, in forward order
+    shape: tuple  # the conv output, the fused op's input
+    normalize: bool
+    act: str
+    slope: float
+
+
+def fused_layers(config):
+    """The fused BN+activation ops of a DCGAN train step with ``config``, with their input shapes."""
+    with torch.device("meta"):
+        nets = {"G": reference.Generator(config.nz, config.ngf), "D": reference.Discriminator(ndf=config.ndf)}
+    shape_in = {"G": (config.batch, config.nz, 1, 1), "D": (config.batch, 3, 64, 64)}
+    found = []
+    for prefix, net in nets.items():
+        shapes = {layer.name: layer.output_shape for layer in flops.gemm_layers(net, shape_in[prefix])}
+        steps = [s for s in plan(list(net.main.named_children())) if isinstance(s, FusedStep)]
+        for i, step in enumerate(steps, 1):
+            found.append(FusedLayer(f"{prefix}{i}", shapes[f"main.{step.conv}"], step.bn is not None, step.act,
+                                    step.slope))
+    return found
+
+
+def device_timer():
+    """time.perf_counter() once the queued CUDA work is done: a pytest-benchmark timer for device time."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(fn, device, steps):
+    """Milliseconds of each of ``steps`` calls of fn, each started on an idle device (CUDA events on CUDA)."""
+    if device.type != "cuda":
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - start))
+        return times
+    events = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def matmul_tflops(device, dtype, size=None, reps=10):
+    """Best TFLOP/s of a square matmul in ``dtype`` (fp32 as TF32 when cuDNN convs use TF32):
+    the measured roof that the analytic floor is computed against."""
+    size = size or (8192 if device.type == "cuda" else 512)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+    try:
+        torch.mm(a, b)
+        best_ms = min(time_steps(lambda: torch.mm(a, b), device, reps))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return 2 * size**3 / (best_ms * 1e-3) / 1e12
+
+
+def progress_bar(total, desc):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="step", disable=None, leave=False)
+
+
+class Measurement(NamedTuple):
+    peer: Peer
+    times_ms: list
+    first_step_s: float  # compile (for compile peers) and the first step
+    peak_bytes: Optional[int]
+
+    @property
+    def median(self):
+        return float(np.median(self.times_ms))
+
+    @property
+    def iqr(self):
+        q1, q3 = np.percentile(self.times_ms, [25, 75])
+        return float(q3 - q1)
+
+
+def measure(peer, config, device, steps, warmup, bar=None):
+    """Build ``peer``, run its first step (timed apart) and ``warmup`` more, then time ``steps`` steps."""
+    step = make_train_step(peer, config, device)
+    synchronize(device)
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    first_step_s = time.perf_counter() - start
+    for _ in range(warmup):
+        step()
+        if bar is not None:
+            bar.update()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = time_steps(step, device, steps)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    if bar is not None:
+        bar.update(1 + steps)
+    return Measurement(peer, times, first_step_s, peak)
+
+
+def speedup(baseline, median):
+    return None if baseline is None or not median else baseline / median
+
+
+def add_speedups(output_json):
+    """pytest-benchmark JSON: give each benchmark the speedup of its group's "eager" and "compile" peers over it."""
+    groups = {}
+    for bench in output_json.get("benchmarks", []):
+        groups.setdefault(bench.get("group"), []).append(bench)
+    for members in groups.values():
+        medians = {b["extra_info"].get("peer"): b["stats"]["median"] for b in members if b.get("stats")}
+        for bench in members:
+            median = bench["stats"]["median"] if bench.get("stats") else None
+            info = bench["extra_info"]
+            for baseline in ("eager", "compile"):
+                ratio = speedup(medians.get(baseline), median)
+                if ratio is not None:
+                    info[f"speedup_over_{baseline}"] = round(ratio, 4)
+            if "flop" in info and median:
+                info["tflops"] = round(info["flop"] / median / 1e12, 4)
+    return output_json
+
+
+def environment(device):
+    """A line naming the device and the versions behind a measurement."""
+    parts = [f"torch {torch.__version__}"]
+    if backends.triton_import_error() is None:
+        import triton
+
+        parts.append(f"triton {triton.__version__}")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        parts += [f"CUDA {torch.version.cuda}", f"cuDNN {torch.backends.cudnn.version()}",
+                  f"TF32 cuDNN={torch.backends.cudnn.allow_tf32} matmul={torch.backends.cuda.matmul.allow_tf32}"]
+    else:
+        name = f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return name, ", ".join(parts)
+
+
+def render_table(headers, rows, markdown=False):
+    cells = [[str(c) for c in row] for row in [headers, *rows]]
+    if markdown:
+        lines = ["| " + " | ".join(row) + " |" for row in cells]
+        lines.insert(1, "|" + "|".join("---" for _ in headers) + "|")
+        return "\n".join(lines)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in cells)
+
+
+def command_line(args, names):
+    """The ``python -m fastgan`` command that reproduces ``args`` (every option spelled out)."""
+    words = ["python", "-m", "fastgan", args.command]
+    for name in names:
+        value = getattr(args, name)
+        if value is not None:
+            words += [f"--{name.replace('_', '-')}", (",".join(value) or "none") if isinstance(value, list) else str(value)]
+    return shlex.join(words)
+
+
+def append_markdown(path, title, device, command, body):
+    """Append a dated block (device, versions, command, body) to a markdown file."""
+    name, versions = environment(device)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    block = (f"\n### {title}, {stamp}\n\n- device: {name}\n- versions: {versions}\n"
+             f"- command: `{command}`\n\n{body}\n")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(block)
+    return path
+
+
+def comma_list(allowed):
+    def parse(text):
+        items = [] if text in ("", "none") else [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in allowed]
+        if bad:
+            raise ValueError(f"unknown {bad}: choose from {', '.join(allowed)} (comma separated), or 'none'")
+        return items
+    parse.__name__ = "list"
+    return parse
+
+
+COMMON_OPTIONS = ("batch", "ngf", "ndf", "dtype", "backends", "compile_modes", "steps", "warmup", "device")
+
+
+def add_common_arguments(parser, steps, warmup, compile_modes):
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--ngf", type=int, default=64)
+    parser.add_argument("--ndf", type=int, default=64)
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="bf16: autocast and channels_last")
+    parser.add_argument("--backends", type=comma_list(FASTGAN_BACKENDS), default=list(FASTGAN_BACKENDS),
+                        help="fastgan backends to run, comma separated (default: all; unavailable ones are listed)")
+    parser.add_argument("--compile-modes", type=comma_list(COMPILE_MODES), default=list(compile_modes),
+                        help="torch.compile modes of the reference to run, comma separated, or 'none'")
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per implementation")
+    parser.add_argument("--warmup", type=int, default=warmup, help="steps run after the first one, untimed")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--markdown", nargs="?", const=str(DEFAULT_RESULTS), default=None, metavar="PATH",
+                        help=f"append a dated block with the table to PATH (default {DEFAULT_RESULTS})")
+
+
+def setup(args):
+    """(device, config, peers, skipped) from the common arguments."""
+    if args.batch < 2:
+        raise SystemExit("--batch must be at least 2 (BatchNorm in training mode)")
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit("--steps must be at least 1 and --warmup at least 0")
+    device = torch.device(args.device) if args.device else backends.default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    config = Config(args.batch, args.ngf, args.ndf, args.dtype)
+    peers, skipped = [], []
+    for peer in train_step_peers(args.backends, args.compile_modes):
+        reason = problem(peer, config, device)
+        (skipped.append((peer, reason)) if reason else peers.append(peer))
+    return device, config, peers, skipped
+
+
+def add_arguments(parser):
+    add_common_arguments(parser, steps=50, warmup=10, compile_modes=COMPILE_MODES)
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's roof in TFLOP/s for the floor (default: measured with a matmul)")
+
+
+def _fmt(value, spec, missing="-"):
+    return missing if value is None else format(value, spec)
+
+
+def run(args):
+    device, config, peers, skipped = setup(args)
+    step_flops = flops.dcgan_step_flops(config.batch, config.ngf, config.ndf, config.nz)
+    lean_flops = flops.dcgan_step_flops(config.batch, config.ngf, config.ndf, config.nz,
+                                        d_weight_grads_in_g_step=False)
+    dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
+    roof = args.peak_tflops or matmul_tflops(device, dtype)
+    floor_ms = step_flops.total / (roof * 1e12) * 1e3
+    name, versions = environment(device)
+    print(f"fastgan bench {config} on {name}; {versions}")
+    print(f"floor: {step_flops.total / 1e9:.1f} GFLOP/step ({lean_flops.total / 1e9:.1f} without D weight-grads "
+          f"in the G step) at {'the given' if args.peak_tflops else 'a measured matmul'} roof of {roof:.1f} TFLOP/s "
+          f"= {floor_ms:.3f} ms")
+
+    bar = progress_bar(len(peers) * (1 + args.warmup + args.steps), "bench")
+    results, failed = [], []
+    for peer in peers:
+        if bar is not None:
+            bar.set_postfix_str(peer.name)
+        try:
+            results.append(measure(peer, config, device, args.steps, args.warmup, bar))
+        except Exception as exc:  # one peer failing (a compile error, out of memory) must not hide the others
+            failed.append((peer, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if bar is not None:
+        bar.close()
+
+    medians = {m.peer.name: m.median for m in results}
+    headers = ["implementation", "ms/step", "IQR ms", "vs eager", "vs compile", "peak MiB", "TFLOP/s", "% floor",
+               "1st step s"]
+    rows = [[m.peer.name, f"{m.median:.3f}", f"{m.iqr:.3f}",
+             _fmt(speedup(medians.get("eager"), m.median), ".2f"),
+             _fmt(speedup(medians.get("compile"), m.median), ".2f"),
+             _fmt(m.peak_bytes and m.peak_bytes / 2**20, ".0f"),
+             f"{step_flops.total / (m.median * 1e-3) / 1e12:.2f}", f"{100 * floor_ms / m.median:.1f}",
+             f"{m.first_step_s:.2f}"] for m in results]
+    notes = [f"{args.steps} timed steps after {args.warmup} warm-up steps; median and interquartile range. "
+             f"TFLOP/s counts the reference step's {step_flops.total / 1e9:.1f} GFLOP for every row; "
+             f"% floor = {floor_ms:.3f} ms / ms per step. "
+             f"Adam: {'fused' if device.type == 'cuda' else 'foreach'}, all peers."]
+    notes += [f"skipped {peer}: {reason}" for peer, reason in skipped]
+    notes += [f"FAILED {peer}: {reason}" for peer, reason in failed]
+    print(render_table(headers, rows))
+    print("\n".join(notes))
+    if args.markdown:
+        body = (f"floor: {step_flops.total / 1e9:.1f} GFLOP/step, {roof:.1f} TFLOP/s roof "
+                f"({'given' if args.peak_tflops else 'measured matmul'}) = {floor_ms:.3f} ms\n\n"
+                + render_table(headers, rows, markdown=True) + "\n\n" + "\n".join(f"- {n}" for n in notes))
+        command = command_line(args, COMMON_OPTIONS + ("peak_tflops",))
+        path = append_markdown(args.markdown, f"bench {config}", device, command, body)
+        print(f"appended to {path}")
+    return 1 if failed or not results else 0
+

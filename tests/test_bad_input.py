@@ -1,0 +1,76 @@
+"""Bad input gets a clear ValueError/TypeError that names what was expected."""
+import pytest
+import torch
+
+import fastgan
+from fastgan import losses
+from fastgan.functional import batch_norm_act
+
+
+@pytest.fixture
+def gan():
+    return fastgan.DCGAN(ngf=4, ndf=4, backend="torch")
+
+
+def test_wrong_rank(gan):
+    with pytest.raises(ValueError, match=r"expects input of shape \(N, 100, H, W\), got \(4, 100\)"):
+        gan.generator(torch.randn(4, 100))
+    with pytest.raises(ValueError, match=r"expects input of shape \(N, 3, H, W\)"):
+        gan.discriminator(torch.randn(3, 64, 64))
+
+
+def test_wrong_channel_count(gan):
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\), got \(2, 1, 64, 64\)"):
+        gan.discriminator(torch.randn(2, 1, 64, 64))
+    with pytest.raises(ValueError, match=r"\(N, 100, H, W\), got \(2, 64, 1, 1\)"):
+        gan.generator(torch.randn(2, 64, 1, 1))
+
+
+def test_integer_dtype(gan):
+    with pytest.raises(TypeError, match="floating point .* got torch.int64"):
+        gan.discriminator(torch.randint(0, 255, (2, 3, 64, 64)))
+    with pytest.raises(TypeError, match="floating point .* got torch.int32"):
+        losses.generator_loss(torch.ones(4, dtype=torch.int32))
+
+
+@pytest.mark.gpu
+def test_mixed_devices(gan):
+    with pytest.raises(ValueError, match="on cuda:0 but the layer's parameters are on cpu"):
+        gan.discriminator(torch.randn(2, 3, 64, 64, device="cuda"))
+    with pytest.raises(ValueError, match="real_logits are on cpu but fake_logits on cuda"):
+        losses.discriminator_loss(torch.randn(2), torch.randn(2, device="cuda"))
+
+
+def test_mixed_devices_meta(gan):
+    """The same check without a GPU: parameters on CPU, input on the meta device."""
+    with pytest.raises(ValueError, match="on meta but the layer's parameters are on cpu"):
+        gan.discriminator(torch.randn(2, 3, 64, 64, device="meta"))
+    with pytest.raises(ValueError, match="real_logits are on cpu but fake_logits on meta"):
+        losses.discriminator_loss(torch.randn(2), torch.randn(2, device="meta"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_batch_too_small_for_batch_statistics(backend):
+    d = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.BatchNorm1d(3), torch.nn.ReLU())
+    fused = fastgan.fuse(d, backend=backend)
+    with pytest.raises(ValueError, match="more than one value per channel.*batch of 2 or more, or call .eval"):
+        fused(torch.randn(1, 5))
+    fused.eval()
+    assert fused(torch.randn(1, 5)).shape == (1, 3)
+
+
+def test_bad_activation_and_backend_names():
+    with pytest.raises(ValueError, match="act must be one of"):
+        batch_norm_act(torch.randn(2, 3, 4, 4), act="gelu", backend="torch")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastgan.Generator(backend="cudnn")
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\)"):
+        losses.discriminator_loss(torch.randn(2), torch.randn(2), label_smoothing=1.5)
+
+
+def test_nan_inputs_propagate_like_the_reference(gan):
+    x = torch.randn(2, 3, 64, 64)
+    x[0, 0, 10, 10] = float("nan")
+    ref = fastgan.reference.Discriminator(ndf=4)
+    ref.load_state_dict(gan.discriminator.state_dict())
+    assert torch.equal(torch.isnan(gan.discriminator(x)), torch.isnan(ref(x)))
