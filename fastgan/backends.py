@@ -2,8 +2,9 @@
 
 The backend in force for an op is, in order: the innermost ``use_backend(...)``
 context, else the ``backend=`` the module or function was given, else the
-``FASTGAN_BACKEND`` environment variable, else "auto".  "auto" picks triton for
-CUDA tensors when it imports, and torch otherwise.
+``FASTGAN_BACKEND`` environment variable, else "auto".  "auto" picks, for CUDA
+tensors, the C++/CUDA extension when it builds, else triton when it imports, else
+torch; and torch for CPU tensors.
 """
 import contextlib
 import functools
@@ -100,11 +101,11 @@ def resolve(backend, device):
         return requested
     if device.type != "cuda":
         return "torch"
-    for candidate in ("triton",):
+    for candidate in ("cuda", "triton"):
         problem = _PROBLEMS[candidate](device)
         if problem is None:
             return candidate
-        _warn_once(f"fastgan: backend 'auto' falls back to torch: {problem}")
+        _warn_once(f"fastgan: backend 'auto' cannot use {candidate}, falls back: {problem}")
     return "torch"
 
 

@@ -1,10 +1,12 @@
 """BatchNorm + activation (and activation alone), forward and backward, in Triton.
 
-A tensor z of shape (N, C, *spatial) is viewed as rows m = (n, l) by channels c,
-with l running over the flattened spatial positions; its strides (s_n, s_c, s_l)
-cover both NCHW (s_l = 1) and channels_last (s_c = 1) without a copy.
+A tensor z of shape (N, C, *spatial) is viewed as (N, L, C) with l running over the
+flattened spatial positions; its strides (s_n, s_l, s_c) cover NCHW (s_l = 1) and
+channels_last (s_c = 1) without a copy.  Kernels work on [BLOCK_N, BLOCK_L, BLOCK_C]
+tiles, with no index division, so Triton sees (and vectorises) the contiguous axis:
+the launcher makes the tile long in l for NCHW and wide in c for channels_last.
 
-Statistics:         partial Welford moments per (split, channel) -> finalize
+Statistics:         partial Welford moments per (batch split, channel) -> finalize
                     (mean, invstd, running-stat update).
 Forward:            y = act(z*scale + shift), from batch or running statistics.
 Backward:           reduce sum(g), sum(g*xhat) per split -> apply dz, where
@@ -57,10 +59,24 @@ def _activation_grad(dy, pre, slope, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tile_offsets(rows, cols, L, s_n, s_c, s_l):
-    n = rows // L
-    l = rows - n * L
-    return (n * s_n + l * s_l)[:, None] + (cols * s_c)[None, :]
+def _tile(n0, l0, c0, N, L, C, s_n, s_l, s_c,
+          BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Offsets and mask of the [BLOCK_N, BLOCK_L, BLOCK_C] tile at (n0, l0, c0)."""
+    n = n0 + tl.arange(0, BLOCK_N)[:, None, None]
+    l = l0 + tl.arange(0, BLOCK_L)[None, :, None]
+    c = c0 + tl.arange(0, BLOCK_C)[None, None, :]
+    return n * s_n + l * s_l + c * s_c, (n < N) & (l < L) & (c < C)
+
+
+@triton.jit
+def _per_channel(v):
+    """[BLOCK_C] vector -> broadcastable against a tile."""
+    return v[None, None, :]
+
+
+@triton.jit
+def _sum_nl(x):
+    return tl.sum(tl.sum(x, 0), 0)
 
 
 @triton.jit
@@ -78,35 +94,36 @@ def _channel_affine(mean_ptr, invstd_ptr, weight_ptr, bias_ptr, cols, col_mask, 
 
 
 @triton.jit
-def _moments_kernel(z_ptr, mean_part_ptr, m2_part_ptr, C, L, M, s_n, s_c, s_l, rows_per_split,
-                    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per (split, channel): mean and M2 of rows [split*rows_per_split, ...), merged tile by tile (Chan)."""
-    pid_c = tl.program_id(0)
+def _moments_kernel(z_ptr, mean_part_ptr, m2_part_ptr, N, L, C, s_n, s_l, s_c, n_per_split,
+                    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per (split, channel): mean and M2 over samples [split*n_per_split, ...) and all positions, merged
+    tile by tile with Chan's formula."""
+    c0 = tl.program_id(0) * BLOCK_C
     split = tl.program_id(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    start = split * rows_per_split
-    end = tl.minimum(start + rows_per_split, M)
+    n_start = split * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, N)
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
-    for m0 in range(start, end, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        mask = (rows < end)[:, None] & col_mask[None, :]
-        x = tl.load(z_ptr + _tile_offsets(rows, cols, L, s_n, s_c, s_l), mask=mask, other=0.0).to(ACC)
-        seen = (m0 - start).to(ACC)
-        count = tl.minimum(end - m0, BLOCK_M).to(ACC)
-        tile_mean = tl.sum(x, 0) / count
-        d = tl.where(mask, x - tile_mean[None, :], 0.0)
-        delta = tile_mean - mean
-        mean += delta * (count / (seen + count))
-        m2 += tl.sum(d * d, 0) + delta * delta * (seen * count / (seen + count))
-    tl.store(mean_part_ptr + split * C + cols, mean, mask=col_mask)
-    tl.store(m2_part_ptr + split * C + cols, m2, mask=col_mask)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        n_count = tl.minimum(n_end - n0, BLOCK_N)
+        for l0 in range(0, L, BLOCK_L):
+            offs, mask = _tile(n0, l0, c0, n_end, L, C, s_n, s_l, s_c, BLOCK_N, BLOCK_L, BLOCK_C)
+            x = tl.load(z_ptr + offs, mask=mask, other=0.0).to(ACC)
+            seen = ((n0 - n_start) * L + n_count * l0).to(ACC)
+            count = (n_count * tl.minimum(L - l0, BLOCK_L)).to(ACC)
+            tile_mean = _sum_nl(x) / count
+            d = tl.where(mask, x - _per_channel(tile_mean), 0.0)
+            delta = tile_mean - mean
+            mean += delta * (count / (seen + count))
+            m2 += _sum_nl(d * d) + delta * delta * (seen * count / (seen + count))
+    cols = c0 + tl.arange(0, BLOCK_C)
+    tl.store(mean_part_ptr + split * C + cols, mean, mask=cols < C)
+    tl.store(m2_part_ptr + split * C + cols, m2, mask=cols < C)
 
 
 @triton.jit
 def _finalize_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr,
-                     C, M, rows_per_split, n_splits, momentum, eps,
+                     N, L, C, n_per_split, n_splits, momentum, eps,
                      UPDATE_RUNNING: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merge the split moments; write mean, invstd (biased var) and update the running stats (unbiased var)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -116,7 +133,8 @@ def _finalize_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, invstd_ptr, running_m
     offs = splits[:, None] * C + cols[None, :]
     part_mean = tl.load(mean_part_ptr + offs, mask=mask, other=0.0)
     part_m2 = tl.load(m2_part_ptr + offs, mask=mask, other=0.0)
-    counts = tl.minimum(tl.maximum(M - splits * rows_per_split, 0), rows_per_split).to(part_mean.dtype)
+    counts = (tl.minimum(tl.maximum(N - splits * n_per_split, 0), n_per_split) * L).to(part_mean.dtype)
+    M = N * L
     mean = tl.sum(counts[:, None] * part_mean, 0) / M
     d = tl.where(mask, part_mean - mean[None, :], 0.0)
     var = tl.sum(part_m2 + counts[:, None] * d * d, 0) / M
@@ -132,68 +150,70 @@ def _finalize_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, invstd_ptr, running_m
 
 
 @triton.jit
-def _forward_kernel(z_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, C, L, M, s_n, s_c, s_l, slope,
+def _forward_kernel(z_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, N, L, C, s_n, s_l, s_c, slope,
                     NORMALIZE: tl.constexpr, AFFINE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
     """y = act(z*scale + shift), scale = gamma*invstd, shift = beta - mean*scale (identity without BN)."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    col_mask = cols < C
-    mask = (rows < M)[:, None] & col_mask[None, :]
-    offs = _tile_offsets(rows, cols, L, s_n, s_c, s_l)
+    c0 = tl.program_id(0) * BLOCK_C
+    offs, mask = _tile(tl.program_id(2) * BLOCK_N, tl.program_id(1) * BLOCK_L, c0, N, L, C, s_n, s_l, s_c,
+                       BLOCK_N, BLOCK_L, BLOCK_C)
     pre = tl.load(z_ptr + offs, mask=mask, other=0.0).to(ACC)
     if NORMALIZE:
-        mean, invstd, gamma, beta = _channel_affine(mean_ptr, invstd_ptr, weight_ptr, bias_ptr, cols, col_mask,
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mean, invstd, gamma, beta = _channel_affine(mean_ptr, invstd_ptr, weight_ptr, bias_ptr, cols, cols < C,
                                                     AFFINE)
         scale = gamma * invstd
-        pre = pre * scale[None, :] + (beta - mean * scale)[None, :]
+        pre = pre * _per_channel(scale) + _per_channel(beta - mean * scale)
     y = _activate(pre, slope, ACT)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _backward_reduce_kernel(dy_ptr, z_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, sum_g_part_ptr,
-                            sum_gx_part_ptr, C, L, M, s_n, s_c, s_l, g_n, g_c, g_l, slope, rows_per_split,
-                            AFFINE: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                            sum_gx_part_ptr, N, L, C, s_n, s_l, s_c, g_n, g_l, g_c, slope, n_per_split,
+                            AFFINE: tl.constexpr, ACT: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per (split, channel): sum(g) and sum(g*xhat), g = dy*act'(pre) recomputed from z."""
-    pid_c = tl.program_id(0)
+    c0 = tl.program_id(0) * BLOCK_C
     split = tl.program_id(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    mean, invstd, gamma, beta = _channel_affine(mean_ptr, invstd_ptr, weight_ptr, bias_ptr, cols, col_mask, AFFINE)
-    start = split * rows_per_split
-    end = tl.minimum(start + rows_per_split, M)
+    cols = c0 + tl.arange(0, BLOCK_C)
+    mean, invstd, gamma, beta = _channel_affine(mean_ptr, invstd_ptr, weight_ptr, bias_ptr, cols, cols < C, AFFINE)
+    n_start = split * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, N)
     sum_g = tl.zeros([BLOCK_C], mean.dtype)
     sum_gx = tl.zeros([BLOCK_C], mean.dtype)
-    for m0 in range(start, end, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        mask = (rows < end)[:, None] & col_mask[None, :]
-        z = tl.load(z_ptr + _tile_offsets(rows, cols, L, s_n, s_c, s_l), mask=mask, other=0.0).to(mean.dtype)
-        dy = tl.load(dy_ptr + _tile_offsets(rows, cols, L, g_n, g_c, g_l), mask=mask, other=0.0).to(mean.dtype)
-        xhat = (z - mean[None, :]) * invstd[None, :]
-        g = _activation_grad(dy, xhat * gamma[None, :] + beta[None, :], slope, ACT)
-        g = tl.where(mask, g, 0.0)
-        sum_g += tl.sum(g, 0)
-        sum_gx += tl.sum(g * xhat, 0)
-    tl.store(sum_g_part_ptr + split * C + cols, sum_g, mask=col_mask)
-    tl.store(sum_gx_part_ptr + split * C + cols, sum_gx, mask=col_mask)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        for l0 in range(0, L, BLOCK_L):
+            offs, mask = _tile(n0, l0, c0, n_end, L, C, s_n, s_l, s_c, BLOCK_N, BLOCK_L, BLOCK_C)
+            g_offs, _ = _tile(n0, l0, c0, n_end, L, C, g_n, g_l, g_c, BLOCK_N, BLOCK_L, BLOCK_C)
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(mean.dtype)
+            dy = tl.load(dy_ptr + g_offs, mask=mask, other=0.0).to(mean.dtype)
+            xhat = (z - _per_channel(mean)) * _per_channel(invstd)
+            g = _activation_grad(dy, xhat * _per_channel(gamma) + _per_channel(beta), slope, ACT)
+            g = tl.where(mask, g, 0.0)
+            sum_g += _sum_nl(g)
+            sum_gx += _sum_nl(g * xhat)
+    tl.store(sum_g_part_ptr + split * C + cols, sum_g, mask=cols < C)
+    tl.store(sum_gx_part_ptr + split * C + cols, sum_gx, mask=cols < C)
 
 
 @triton.jit
 def _backward_kernel(dy_ptr, z_ptr, dz_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, sum_g_part_ptr,
-                     sum_gx_part_ptr, dweight_ptr, dbias_ptr, C, L, M, s_n, s_c, s_l, g_n, g_c, g_l, slope, n_splits,
-                     NORMALIZE: tl.constexpr, BATCH_STATS: tl.constexpr, AFFINE: tl.constexpr, ACT: tl.constexpr,
-                     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                     sum_gx_part_ptr, dweight_ptr, dbias_ptr, N, L, C, s_n, s_l, s_c, g_n, g_l, g_c, slope,
+                     n_splits, NORMALIZE: tl.constexpr, BATCH_STATS: tl.constexpr, AFFINE: tl.constexpr,
+                     ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """dz = gamma*invstd*(g - sum(g)/M - xhat*sum(g*xhat)/M) (batch stats), gamma*invstd*g (running stats),
-    or g (no BN). The first row block also writes dgamma = sum(g*xhat) and dbeta = sum(g)."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    col_mask = cols < C
-    mask = (rows < M)[:, None] & col_mask[None, :]
-    offs = _tile_offsets(rows, cols, L, s_n, s_c, s_l)
+    or g (no BN). The first tile of each channel block also writes dgamma = sum(g*xhat), dbeta = sum(g)."""
+    c0 = tl.program_id(0) * BLOCK_C
+    n0, l0 = tl.program_id(2) * BLOCK_N, tl.program_id(1) * BLOCK_L
+    offs, mask = _tile(n0, l0, c0, N, L, C, s_n, s_l, s_c, BLOCK_N, BLOCK_L, BLOCK_C)
+    g_offs, _ = _tile(n0, l0, c0, N, L, C, g_n, g_l, g_c, BLOCK_N, BLOCK_L, BLOCK_C)
     z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(ACC)
-    dy = tl.load(dy_ptr + _tile_offsets(rows, cols, L, g_n, g_c, g_l), mask=mask, other=0.0).to(ACC)
+    dy = tl.load(dy_ptr + g_offs, mask=mask, other=0.0).to(ACC)
     if NORMALIZE:
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_mask = cols < C
         mean, invstd, gamma, beta = _channel_affine(mean_ptr, invstd_ptr, weight_ptr, bias_ptr, cols, col_mask,
                                                     AFFINE)
         splits = tl.arange(0, BLOCK_S)
@@ -202,14 +222,15 @@ def _backward_kernel(dy_ptr, z_ptr, dz_ptr, mean_ptr, invstd_ptr, weight_ptr, bi
         sum_g = tl.sum(tl.load(sum_g_part_ptr + part_offs, mask=part_mask, other=0.0), 0)
         sum_gx = tl.sum(tl.load(sum_gx_part_ptr + part_offs, mask=part_mask, other=0.0), 0)
         if AFFINE:
-            if tl.program_id(1) == 0:
+            if (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
                 tl.store(dweight_ptr + cols, sum_gx, mask=col_mask)
                 tl.store(dbias_ptr + cols, sum_g, mask=col_mask)
-        xhat = (z - mean[None, :]) * invstd[None, :]
-        g = _activation_grad(dy, xhat * gamma[None, :] + beta[None, :], slope, ACT)
+        xhat = (z - _per_channel(mean)) * _per_channel(invstd)
+        g = _activation_grad(dy, xhat * _per_channel(gamma) + _per_channel(beta), slope, ACT)
         if BATCH_STATS:
-            g = g - (sum_g / M)[None, :] - xhat * (sum_gx / M)[None, :]
-        dz = g * (gamma * invstd)[None, :]
+            M = N * L
+            g = g - _per_channel(sum_g / M) - xhat * _per_channel(sum_gx / M)
+        dz = g * _per_channel(gamma * invstd)
     else:
         dz = _activation_grad(dy, z, slope, ACT)
     tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
@@ -218,24 +239,37 @@ def _backward_kernel(dy_ptr, z_ptr, dz_ptr, mean_ptr, invstd_ptr, weight_ptr, bi
 # ----------------------------------------------------------------------------- launch helpers
 
 MAX_SPLITS = 128
+TILE = 2048  # elements per tile
 
 
 def _acc_dtype(tensor):
     return tl.float64 if tensor.dtype == torch.float64 else tl.float32
 
 
-def _as_rows(t):
-    """(N, C, L) view of a (N, C, *spatial) tensor: spatial dims merge without a copy for NCHW and
-    channels_last, and an expanded gradient keeps its zero strides."""
-    return t.unsqueeze(2) if t.dim() == 2 else t.flatten(2)
+def _dense(z):
+    """z itself when NCHW- or channels_last-contiguous (outputs allocated like it share its strides), else a copy."""
+    if z.is_contiguous() or (z.dim() == 4 and z.is_contiguous(memory_format=torch.channels_last)):
+        return z
+    return z.contiguous()
 
 
-def _tiles(s_c, C):
-    """Tile (BLOCK_M, BLOCK_C): wide in channels for channels_last, tall in rows for NCHW."""
-    if s_c == 1:
+def _nlc(t):
+    """(t as (N, C, L), its strides (s_n, s_l, s_c)).  A view for NCHW, channels_last and expanded (zero-stride)
+    gradients; a copy only for layouts whose spatial dims do not merge."""
+    rows = t.unsqueeze(2) if t.dim() == 2 else t.flatten(2)
+    return rows, (rows.stride(0), rows.stride(2), rows.stride(1))
+
+
+def _tiles(N, L, C, s_c):
+    """[BLOCK_N, BLOCK_L, BLOCK_C] of about TILE elements, long along the contiguous axis."""
+    if s_c == 1 and C > 1:  # channels_last, or (N, C) input
         block_c = min(triton.next_power_of_2(C), 64)
-        return max(4096 // block_c, 16), block_c
-    return 1024, 4
+        block_l = min(triton.next_power_of_2(L), max(TILE // block_c, 1))
+    else:  # NCHW
+        block_c = 1
+        block_l = min(triton.next_power_of_2(L), TILE)
+    block_n = min(triton.next_power_of_2(N), max(TILE // (block_c * block_l), 1))
+    return block_n, block_l, block_c
 
 
 @functools.cache
@@ -245,12 +279,11 @@ def _target_programs(device):
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _splits(C, M, block_m, block_c, device):
-    """How many row splits the reductions use, so that the grid fills the device."""
-    target_programs = _target_programs(device)
-    n_splits = max(1, min(MAX_SPLITS, triton.cdiv(M, block_m), target_programs // triton.cdiv(C, block_c)))
-    rows_per_split = triton.cdiv(triton.cdiv(M, n_splits), block_m) * block_m
-    return triton.cdiv(M, rows_per_split), rows_per_split
+def _splits(N, C, block_n, block_c, device):
+    """(n_splits, n_per_split): the batch split of the reductions, so that the grid fills the device."""
+    wanted = max(1, min(MAX_SPLITS, triton.cdiv(N, block_n), _target_programs(device) // triton.cdiv(C, block_c)))
+    n_per_split = triton.cdiv(triton.cdiv(N, wanted), block_n) * block_n
+    return triton.cdiv(N, n_per_split), n_per_split
 
 
 def _geometry(z):
@@ -258,8 +291,7 @@ def _geometry(z):
         raise ValueError(f"bn_act indexes with int32: a tensor of {z.numel()} elements is too large; "
                          "split the batch")
     N, C = z.shape[:2]
-    M = z.numel() // max(C, 1)
-    return C, M // max(N, 1), M
+    return N, (z.numel() // (N * C) if N * C else 0), C
 
 
 def _stat_dtype(z):
@@ -270,51 +302,55 @@ def channel_stats(z, running_mean, running_var, momentum, eps):
     """Per-channel batch (mean, invstd) of z, fp32 (fp64 for fp64 z), shape (C,), from the biased variance.
 
     Updates running_mean/var in place (unbiased variance) when given."""
-    C, L, M = _geometry(z)
-    z = _as_rows(z)
-    s_n, s_c, s_l = z.stride()
-    block_m, block_c = _tiles(s_c, C)
-    n_splits, rows_per_split = _splits(C, M, block_m, block_c, z.device)
+    z = _dense(z)
+    N, L, C = _geometry(z)
+    z, strides = _nlc(z)
+    block_n, block_l, block_c = _tiles(N, L, C, strides[2])
+    n_splits, n_per_split = _splits(N, C, block_n, block_c, z.device)
     mean_part = outputs.empty((n_splits, C), device=z.device, dtype=_stat_dtype(z))
     m2_part = outputs.empty_like(mean_part)
     _moments_kernel[(triton.cdiv(C, block_c), n_splits)](
-        z, mean_part, m2_part, C, L, M, s_n, s_c, s_l, rows_per_split,
-        ACC=_acc_dtype(z), BLOCK_M=block_m, BLOCK_C=block_c)
+        z, mean_part, m2_part, N, L, C, *strides, n_per_split,
+        ACC=_acc_dtype(z), BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_C=block_c)
     mean = outputs.empty((C,), device=z.device, dtype=_stat_dtype(z))
     invstd = outputs.empty_like(mean)
     update = running_mean is not None
     _finalize_kernel[(triton.cdiv(C, 64),)](
         mean_part, m2_part, mean, invstd, running_mean if update else mean, running_var if update else invstd,
-        C, M, rows_per_split, n_splits, momentum, eps,
+        N, L, C, n_per_split, n_splits, momentum, eps,
         UPDATE_RUNNING=update, BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_C=64)
     return mean, invstd
 
 
+def _elementwise_grid(N, L, C, block_n, block_l, block_c):
+    return triton.cdiv(C, block_c), triton.cdiv(L, block_l), triton.cdiv(N, block_n)
+
+
 def bn_act_forward(z, mean, invstd, weight, bias, act, slope):
     """y = act((z - mean)*invstd*weight + bias), or act(z) when mean is None; z's dtype and layout."""
-    C, L, M = _geometry(z)
+    z = _dense(z)
+    N, L, C = _geometry(z)
     y = outputs.empty_like(z)
-    z, y_rows = _as_rows(z), _as_rows(y)
-    s_n, s_c, s_l = z.stride()
-    block_m, block_c = _tiles(s_c, C)
+    (z, strides), (y_rows, _) = _nlc(z), _nlc(y)
+    blocks = _tiles(N, L, C, strides[2])
     normalize, affine = mean is not None, weight is not None
     dummy = z
-    _forward_kernel[(triton.cdiv(C, block_c), triton.cdiv(M, block_m))](
+    _forward_kernel[_elementwise_grid(N, L, C, *blocks)](
         z, y_rows, mean if normalize else dummy, invstd if normalize else dummy, weight if affine else dummy,
-        bias if affine else dummy, C, L, M, s_n, s_c, s_l, slope,
-        NORMALIZE=normalize, AFFINE=affine, ACT=act, ACC=_acc_dtype(z), BLOCK_M=block_m, BLOCK_C=block_c)
+        bias if affine else dummy, N, L, C, *strides, slope,
+        NORMALIZE=normalize, AFFINE=affine, ACT=act, ACC=_acc_dtype(z),
+        BLOCK_N=blocks[0], BLOCK_L=blocks[1], BLOCK_C=blocks[2])
     return y
 
 
 def bn_act_backward(dy, z, mean, invstd, weight, bias, batch_stats, act, slope):
     """Returns (dz, dweight, dbias).  dz has z's dtype and layout; dweight/dbias have mean's dtype and
     shape (C,), or are empty without an affine BN.  ``batch_stats``: mean/invstd came from this batch."""
-    C, L, M = _geometry(z)
+    z = _dense(z)
+    N, L, C = _geometry(z)
     dz = outputs.empty_like(z)
-    z, dy, dz_rows = _as_rows(z), _as_rows(dy), _as_rows(dz)
-    s_n, s_c, s_l = z.stride()
-    g_n, g_c, g_l = dy.stride()
-    block_m, block_c = _tiles(s_c, C)
+    (z, strides), (dy, dy_strides), (dz_rows, _) = _nlc(z), _nlc(dy), _nlc(dz)
+    block_n, block_l, block_c = _tiles(N, L, C, strides[2])
     normalize, affine = mean is not None, weight is not None
     stat_dtype = mean.dtype if normalize else _stat_dtype(z)
     dweight = outputs.empty((C if affine else 0,), device=z.device, dtype=stat_dtype)
@@ -322,17 +358,17 @@ def bn_act_backward(dy, z, mean, invstd, weight, bias, batch_stats, act, slope):
     dummy = z
     n_splits, sum_g_part, sum_gx_part = 1, dummy, dummy
     if normalize:
-        n_splits, rows_per_split = _splits(C, M, block_m, block_c, z.device)
+        n_splits, n_per_split = _splits(N, C, block_n, block_c, z.device)
         sum_g_part = outputs.empty((n_splits, C), device=z.device, dtype=stat_dtype)
         sum_gx_part = outputs.empty_like(sum_g_part)
         _backward_reduce_kernel[(triton.cdiv(C, block_c), n_splits)](
             dy, z, mean, invstd, weight if affine else dummy, bias if affine else dummy, sum_g_part, sum_gx_part,
-            C, L, M, s_n, s_c, s_l, g_n, g_c, g_l, slope, rows_per_split,
-            AFFINE=affine, ACT=act, BLOCK_M=block_m, BLOCK_C=block_c)
-    _backward_kernel[(triton.cdiv(C, block_c), triton.cdiv(M, block_m))](
+            N, L, C, *strides, *dy_strides, slope, n_per_split,
+            AFFINE=affine, ACT=act, BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_C=block_c)
+    _backward_kernel[_elementwise_grid(N, L, C, block_n, block_l, block_c)](
         dy, z, dz_rows, mean if normalize else dummy, invstd if normalize else dummy, weight if affine else dummy,
         bias if affine else dummy, sum_g_part, sum_gx_part, dweight if affine else dummy, dbias if affine else dummy,
-        C, L, M, s_n, s_c, s_l, g_n, g_c, g_l, slope, n_splits,
+        N, L, C, *strides, *dy_strides, slope, n_splits,
         NORMALIZE=normalize, BATCH_STATS=batch_stats, AFFINE=affine, ACT=act, ACC=_acc_dtype(z),
-        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_S=triton.next_power_of_2(n_splits))
+        BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_C=block_c, BLOCK_S=triton.next_power_of_2(n_splits))
     return dz, dweight, dbias

@@ -120,10 +120,12 @@ def test_half_storage(device, dtype, channels_last):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradient_layouts(device):
-    """dy in another memory format than z, and an expanded dy (stride 0), as autograd may hand them over."""
+    """dy in another memory format than z, expanded (stride 0), or with H and W swapped in memory, as autograd
+    may hand them over."""
     needs_triton_here(device)
     z, params, _ = _case((2, 4, 6, 6), torch.float32, device, True, affine=True, normalize=True)
-    for dy in (torch.randn(2, 4, 6, 6, device=device), torch.tensor(0.7, device=device).expand(2, 4, 6, 6)):
+    for dy in (torch.randn(2, 4, 6, 6, device=device), torch.tensor(0.7, device=device).expand(2, 4, 6, 6),
+               torch.randn(2, 4, 6, 6, device=device).transpose(2, 3)):
         _compare(z, params, dy, "fp32", normalize=True, batch_stats=True, act="leaky_relu", slope=0.2)
 
 
@@ -134,11 +136,11 @@ def test_gradient_layouts(device):
 def test_gradcheck_fp64(device, act, slope, batch_stats):
     needs_triton_here(device)
     gen = torch.Generator().manual_seed(1)
-    z = torch.randn(3, 3, 4, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
-    w = torch.randn(3, generator=gen, dtype=torch.float64).add(1).to(device).requires_grad_()
-    b = torch.randn(3, generator=gen, dtype=torch.float64).to(device).requires_grad_()
-    rm = torch.randn(3, dtype=torch.float64, device=device)
-    rv = torch.rand(3, dtype=torch.float64, device=device) + 0.5
+    z = torch.randn(3, 2, 3, 2, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    w = torch.randn(2, generator=gen, dtype=torch.float64).add(1).to(device).requires_grad_()
+    b = torch.randn(2, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    rm = torch.randn(2, dtype=torch.float64, device=device)
+    rv = torch.rand(2, dtype=torch.float64, device=device) + 0.5
 
     def fn(z, w, b):
         # batch statistics with no running stats to update, so that repeated calls are pure
