@@ -18,6 +18,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <type_traits>
 
@@ -334,7 +335,7 @@ ReducePlan reduce_plan(const Geometry& g, int sms) {
     min_rows = int64_t(kThreads / tx) * 4;
     row_align = 1;
   }
-  int64_t splits = std::min<int64_t>(ceil_div(4 * sms, tiles), ceil_div(g.M, min_rows));
+  int64_t splits = std::min<int64_t>(ceil_div(8 * sms, tiles), ceil_div(g.M, min_rows));
   splits = std::clamp<int64_t>(splits, 1, kMaxSplits);
   const int64_t rows = ceil_div(ceil_div(g.M, splits), row_align) * row_align;
   splits = ceil_div(g.M, rows);

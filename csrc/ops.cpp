@@ -67,7 +67,7 @@ Geometry check_z(const char* op, const Tensor& z) {
 StatsArgs channel_stats_args(const Tensor& z, const OptTensor& running_mean, const OptTensor& running_var) {
   const char* op = "channel_stats";
   const Geometry geo = check_z(op, z);
-  TORCH_CHECK_VALUE(geo.M > 0, op, ": z has no values per channel, got shape ", z.sizes());
+  TORCH_CHECK_VALUE(geo.M > 0 && geo.C > 0, op, ": z has no values per channel, got shape ", z.sizes());
   TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(), op,
                     ": give both running_mean and running_var, or neither");
   const auto options = z.options().dtype(stat_dtype(z));
@@ -150,4 +150,9 @@ TORCH_LIBRARY(fastgan_ext, m) {
   m.def("sigmoid_bce(Tensor logits, float target) -> (Tensor, Tensor)");
   // Test hook: fill every kernel output with NaN first (returns the previous setting).
   m.def("_poison_outputs(bool enabled) -> bool", &fastgan_ext::set_poison_outputs);
+}
+
+// channel_stats is not differentiable (the contract calls it on z.detach()): autograd passes through it.
+TORCH_LIBRARY_IMPL(fastgan_ext, Autograd, m) {
+  m.impl("channel_stats", torch::CppFunction::makeFallthrough());
 }

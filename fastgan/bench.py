@@ -1,18 +1,16 @@
 """Time one examples/dcgan train step of each implementation side by side, and print the table.
 
-The peers run in this one process, one after another (DESIGN.md section 6):
-
-  eager                  the reference models of fastgan.reference, in eager PyTorch
-  compile                torch.compile of the reference G and D (default mode)
-  compile-max-autotune   the same with mode="max-autotune"
-  fastgan-<backend>      fastgan.DCGAN with the torch, triton or cuda backend
-
-With --dtype bf16 every peer runs channels_last under bf16 autocast; the reference's nn.BCELoss
-takes fp32 probabilities, as autocast requires. On CUDA every peer uses torch's fused Adam. The
-first step (compilation, cuDNN autotuning) is reported apart; after the warm-up steps, each
-timed step starts on an idle device and ends when the device finishes. On CPU, torch.compile
+The peers run in this one process, one after another (DESIGN.md section 6): "eager", the
+reference models of fastgan.reference in eager PyTorch; "compile" and "compile-max-autotune",
+torch.compile of the reference G and D in the default and max-autotune modes; and
+"fastgan-<backend>", fastgan.DCGAN with the torch, triton or cuda backend. With --dtype bf16
+every peer runs channels_last under bf16 autocast (the reference's nn.BCELoss takes fp32
+probabilities, as autocast requires). On CUDA every peer uses torch's fused Adam. The first
+step (compilation, cuDNN autotuning) is reported apart; after the warm-up steps, each timed step
+starts on an idle device and ends when the device is done (CUDA events). On CPU, torch.compile
 uses backend="aot_eager", which needs no C++ toolchain.
 """
+import argparse
 import datetime
 import gc
 import platform
@@ -188,8 +186,7 @@ class FusedLayer(NamedTuple):
 
 def fused_layers(config):
     """The fused BN+activation ops of a DCGAN train step with ``config``, with their input shapes."""
-    with torch.device("meta"):
-        nets = {"G": reference.Generator(config.nz, config.ngf), "D": reference.Discriminator(ndf=config.ndf)}
+    nets = dict(zip("GD", flops.dcgan_networks(config.ngf, config.ndf, config.nz)))
     shape_in = {"G": (config.batch, config.nz, 1, 1), "D": (config.batch, 3, 64, 64)}
     found = []
     for prefix, net in nets.items():
@@ -296,6 +293,19 @@ def measure(peer, config, device, steps, warmup, bar=None):
     return Measurement(peer, times, first_step_s, peak)
 
 
+def release(device):
+    """Free the last peer's models, compiled code and cached CUDA blocks before the next peer runs."""
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def error_line(exc):
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}"
+
+
 def speedup(baseline, median):
     return None if baseline is None or not median else baseline / median
 
@@ -351,8 +361,10 @@ def command_line(args, names):
     words = ["python", "-m", "fastgan", args.command]
     for name in names:
         value = getattr(args, name)
+        if isinstance(value, list):
+            value = ",".join(value) or "none"
         if value is not None:
-            words += [f"--{name.replace('_', '-')}", (",".join(value) or "none") if isinstance(value, list) else str(value)]
+            words += [f"--{name.replace('_', '-')}", str(value)]
     return shlex.join(words)
 
 
@@ -370,13 +382,14 @@ def append_markdown(path, title, device, command, body):
 
 
 def comma_list(allowed):
+    """An argparse type: a comma separated subset of ``allowed``, or "none"."""
     def parse(text):
         items = [] if text in ("", "none") else [t.strip() for t in text.split(",") if t.strip()]
         bad = [t for t in items if t not in allowed]
         if bad:
-            raise ValueError(f"unknown {bad}: choose from {', '.join(allowed)} (comma separated), or 'none'")
+            raise argparse.ArgumentTypeError(f"unknown {bad}: choose from {', '.join(allowed)}, comma separated, "
+                                             f"or 'none'")
         return items
-    parse.__name__ = "list"
     return parse
 
 
@@ -408,6 +421,7 @@ def setup(args):
     device = torch.device(args.device) if args.device else backends.default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    args.device = str(device)  # the recorded command names the device it ran on
     config = Config(args.batch, args.ngf, args.ndf, args.dtype)
     peers, skipped = [], []
     for peer in train_step_peers(args.backends, args.compile_modes):
@@ -434,24 +448,28 @@ def run(args):
     dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float32
     roof = args.peak_tflops or matmul_tflops(device, dtype)
     floor_ms = step_flops.total / (roof * 1e12) * 1e3
+    tf32 = device.type == "cuda" and dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    roof_kind = "given" if args.peak_tflops else f"measured {'TF32' if tf32 else config.dtype} matmul"
+    floor_line = (f"floor: {step_flops.total / 1e9:.4g} GFLOP/step ({lean_flops.total / 1e9:.4g} without D "
+                  f"weight-grads in the G step) at a roof of {roof:.3g} TFLOP/s ({roof_kind}) = {floor_ms:.3f} ms")
     name, versions = environment(device)
     print(f"fastgan bench {config} on {name}; {versions}")
-    print(f"floor: {step_flops.total / 1e9:.1f} GFLOP/step ({lean_flops.total / 1e9:.1f} without D weight-grads "
-          f"in the G step) at {'the given' if args.peak_tflops else 'a measured matmul'} roof of {roof:.1f} TFLOP/s "
-          f"= {floor_ms:.3f} ms")
+    print(floor_line)
 
     bar = progress_bar(len(peers) * (1 + args.warmup + args.steps), "bench")
     results, failed = [], []
+    log = print if bar is None else bar.write
     for peer in peers:
         if bar is not None:
             bar.set_postfix_str(peer.name)
         try:
-            results.append(measure(peer, config, device, args.steps, args.warmup, bar))
+            m = measure(peer, config, device, args.steps, args.warmup, bar)
+            results.append(m)
+            log(f"{peer}: {m.median:.3f} ms/step, first step {m.first_step_s:.2f} s")
         except Exception as exc:  # one peer failing (a compile error, out of memory) must not hide the others
-            failed.append((peer, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            failed.append((peer, error_line(exc)))
+            log(f"{peer}: FAILED {failed[-1][1]}")
+        release(device)
     if bar is not None:
         bar.close()
 
@@ -462,10 +480,10 @@ def run(args):
              _fmt(speedup(medians.get("eager"), m.median), ".2f"),
              _fmt(speedup(medians.get("compile"), m.median), ".2f"),
              _fmt(m.peak_bytes and m.peak_bytes / 2**20, ".0f"),
-             f"{step_flops.total / (m.median * 1e-3) / 1e12:.2f}", f"{100 * floor_ms / m.median:.1f}",
+             f"{step_flops.total / (m.median * 1e-3) / 1e12:.3g}", f"{100 * floor_ms / m.median:.1f}",
              f"{m.first_step_s:.2f}"] for m in results]
     notes = [f"{args.steps} timed steps after {args.warmup} warm-up steps; median and interquartile range. "
-             f"TFLOP/s counts the reference step's {step_flops.total / 1e9:.1f} GFLOP for every row; "
+             f"TFLOP/s counts the reference step's {step_flops.total / 1e9:.4g} GFLOP for every row; "
              f"% floor = {floor_ms:.3f} ms / ms per step. "
              f"Adam: {'fused' if device.type == 'cuda' else 'foreach'}, all peers."]
     notes += [f"skipped {peer}: {reason}" for peer, reason in skipped]
@@ -473,9 +491,8 @@ def run(args):
     print(render_table(headers, rows))
     print("\n".join(notes))
     if args.markdown:
-        body = (f"floor: {step_flops.total / 1e9:.1f} GFLOP/step, {roof:.1f} TFLOP/s roof "
-                f"({'given' if args.peak_tflops else 'measured matmul'}) = {floor_ms:.3f} ms\n\n"
-                + render_table(headers, rows, markdown=True) + "\n\n" + "\n".join(f"- {n}" for n in notes))
+        body = (floor_line + "\n\n" + render_table(headers, rows, markdown=True) + "\n\n"
+                + "\n".join(f"- {n}" for n in notes))
         command = command_line(args, COMMON_OPTIONS + ("peak_tflops",))
         path = append_markdown(args.markdown, f"bench {config}", device, command, body)
         print(f"appended to {path}")

@@ -10,6 +10,7 @@ COMMANDS = {
     "demo": "fastgan.demo",
     "bench": "fastgan.bench",
     "profile": "fastgan.profiling",
+    "build-ext": "fastgan.build_ext",
 }
 DEFAULT_COMMAND = "train"
 

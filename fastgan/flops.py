@@ -100,9 +100,12 @@ def train_step_flops(generator, discriminator, batch, d_weight_grads_in_g_step=T
     return StepFlops(sum(p.forward for p in passes), sum(p.backward for p in passes))
 
 
+def dcgan_networks(ngf=64, ndf=64, nz=100, nc=3):
+    """The reference 64x64 (Generator, Discriminator) on the meta device: shapes, no memory."""
+    with torch.device("meta"):
+        return reference.Generator(nz, ngf, nc), reference.Discriminator(nc, ndf)
+
+
 def dcgan_step_flops(batch, ngf=64, ndf=64, nz=100, nc=3, d_weight_grads_in_g_step=True):
     """:func:`train_step_flops` of the reference 64x64 DCGAN with these sizes."""
-    with torch.device("meta"):
-        generator = reference.Generator(nz, ngf, nc)
-        discriminator = reference.Discriminator(nc, ndf)
-    return train_step_flops(generator, discriminator, batch, d_weight_grads_in_g_step)
+    return train_step_flops(*dcgan_networks(ngf, ndf, nz, nc), batch, d_weight_grads_in_g_step)

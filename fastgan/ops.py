@@ -64,6 +64,10 @@ def register(bn_act_op, bn_act_backward_op, sigmoid_bce_op, channel_stats_op):
             return dz, None, None, None, None, None, None, None
         return dz, None, None, dweight.to(weight.dtype), dbias.to(bias.dtype), None, None, None
 
+    def no_double_backward(ctx, *grads):
+        raise RuntimeError("fastgan: the fused BatchNorm + activation has no double backward (create_graph=True, "
+                           "e.g. a gradient penalty); run that part with backend='torch'")
+
     def sigmoid_bce_setup(ctx, inputs, output):
         ctx.save_for_backward(output[1])
 
@@ -77,6 +81,8 @@ def register(bn_act_op, bn_act_backward_op, sigmoid_bce_op, channel_stats_op):
     torch.library.register_fake(sigmoid_bce_op)(sigmoid_bce_fake)
     torch.library.register_autograd(bn_act_op, bn_act_grad, setup_context=bn_act_setup)
     torch.library.register_autograd(sigmoid_bce_op, sigmoid_bce_grad, setup_context=sigmoid_bce_setup)
+    # Without it autograd would only warn, and differentiate bn_act_backward as if it were constant.
+    torch.library.register_autograd(bn_act_backward_op, no_double_backward)
 
 
 # ----------------------------------------------------------------------------- triton backend

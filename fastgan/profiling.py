@@ -11,7 +11,6 @@ A kernel's category comes from the ops that launched it (the host op stack at it
 from its own name: everything under an optimizer step is optimizer, everything under a BCE loss
 is loss, copies and fills are copies; otherwise the outermost conv/GEMM or BN/elementwise op wins.
 """
-import gc
 import json
 import re
 from collections import defaultdict
@@ -193,10 +192,8 @@ def run(args):
             summaries[peer.name] = profile_peer(peer, config, device, args.steps, args.warmup, path)
             traces.append(path)
         except Exception as exc:  # one peer failing must not hide the others
-            failed.append((peer, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            failed.append((peer, bench.error_line(exc)))
+        bench.release(device)
     notes = [f"trace: {path}" for path in traces]
     notes += [f"skipped {peer}: {reason}" for peer, reason in skipped]
     notes += [f"FAILED {peer}: {reason}" for peer, reason in failed]

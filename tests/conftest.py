@@ -4,6 +4,7 @@ Without CUDA, TRITON_INTERPRET=1 is set here, before anything imports triton, so
 kernels run on CPU tensors (slowly: keep their shapes tiny).
 """
 import os
+import sys
 
 import torch
 
@@ -61,14 +62,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs():
-    """Every kernel output starts as NaN, so an element that no kernel wrote fails the comparison."""
+def _poison(enabled):
     from fastgan.kernels import outputs
 
-    outputs.POISON_OUTPUTS = True
+    outputs.POISON_OUTPUTS = enabled
+    if "fastgan.ext_ops" in sys.modules:  # once loaded, the extension reads the flag at import
+        sys.modules["fastgan.ext_ops"].poison_outputs(enabled)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs():
+    """Every kernel output (Triton and the extension) starts as NaN, so an element no kernel wrote fails."""
+    _poison(True)
     yield
-    outputs.POISON_OUTPUTS = False
+    _poison(False)
 
 
 @pytest.fixture(autouse=True)

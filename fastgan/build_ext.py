@@ -1,0 +1,22 @@
+"""Build the C++/CUDA extension (backend="cuda") now rather than on first use.
+
+Prints where the library is and the parts it holds: cpu, and cuda with its GPU archs.
+TORCH_CUDA_ARCH_LIST, CUDA_HOME and FASTGAN_CACHE_DIR change what is built and where."""
+from . import _build
+
+
+def add_arguments(parser):
+    parser.add_argument("--verbose", action="store_true", help="show the compiler commands and their output")
+
+
+def run(args):
+    try:
+        info = _build.build(verbose=args.verbose)
+    except _build.BuildError as exc:
+        raise SystemExit(f"fastgan: {exc}") from None
+    print(f"library: {info.library}")
+    print(f"parts:   {', '.join(info.parts)}")
+    if info.no_cuda_reason:
+        print(f"no cuda: {info.no_cuda_reason}")
+    print(f"{'compiled now' if info.compiled else 'found in the cache'} (compile time {info.seconds:.0f} s)")
+    return 0
