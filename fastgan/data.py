@@ -1,8 +1,8 @@
 """Training images: builtin (generated, no download), folder (any image tree), mnist (idx or npz files).
 
 Every dataset yields (image, index): image is a float32 (nc, size, size) tensor in [-1, 1], or None for a
-file that does not decode; :func:`collate` drops those and hands their indices to the training loop, which
-counts them.
+file that does not decode; :func:`collate` fills such places with repeats of the batch's good images and
+hands their indices to the training loop, which counts them.
 """
 import gzip
 import os
@@ -21,39 +21,58 @@ class DataError(Exception):
 
 def _to_tensor(pixels):
     """uint8 (H, W) or (H, W, C) array -> float32 (C, H, W) in [-1, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(pixels))
+    t = torch.from_numpy(np.array(pixels))  # a copy: PIL's arrays are read-only
     t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
     return t.float().div_(127.5).sub_(1.0)
 
 
+BUILTIN_DRAWS = 24  # uniform numbers behind one builtin image
+
+
+def _render_builtin(draws, size):
+    """Images (n, size, size, 3) in [0, 1] from uniform draws (n, BUILTIN_DRAWS); see Builtin."""
+    axis = (np.arange(size, dtype=np.float32) + 0.5) / size
+    y, x = axis[None, :, None, None], axis[None, None, :, None]
+
+    def col(j):
+        return draws[:, None, None, j:j + 1]
+
+    def colour(j):
+        return draws[:, None, None, j:j + 3]
+
+    image = (colour(0) * (1 - x) + colour(3) * x) * (1 - y) + (colour(6) * (1 - x) + colour(9) * x) * y
+    edge = 1.5 / size  # shape edges are anti-aliased over about 1.5 pixels
+    cx, cy, r = 0.25 + 0.5 * col(12), 0.25 + 0.5 * col(13), 0.12 + 0.14 * col(14)
+    cover = np.clip((r - np.sqrt((x - cx) ** 2 + (y - cy) ** 2)) / edge + 0.5, 0, 1)
+    image = image * (1 - cover) + colour(15) * cover
+    cx, cy, half = 0.2 + 0.6 * col(18), 0.2 + 0.6 * col(19), 0.06 + 0.1 * col(20)
+    cover = np.clip((half - np.maximum(abs(x - cx), abs(y - cy))) / edge + 0.5, 0, 1)
+    return image * (1 - cover) + colour(21) * cover
+
+
 class Builtin(Dataset):
-    """Deterministic synthetic images, no download: image i depends only on (seed, i).
+    """Deterministic synthetic images, no download: image i depends only on (seed, i), whatever the length.
 
-    Each is a two-colour linear gradient with a disc and a square of random colours, sizes and
-    positions on it: a GAN learns the colours within a few hundred steps and the shapes after that."""
+    Each is a smooth gradient between four random corner colours, with a disc and a square of random
+    colours, sizes and positions on it: a GAN learns the colours and gradients first, then the shapes.
+    All are rendered at construction (uint8, nc*size*size bytes each): a batch costs an index."""
 
-    def __init__(self, size, nc=3, length=4096, seed=0):
-        self.size, self.nc, self.length, self.seed = size, nc, length, seed
-        axis = (np.arange(size, dtype=np.float32) + 0.5) / size
-        self._y, self._x = np.meshgrid(axis, axis, indexing="ij")
+    def __init__(self, size, nc=3, length=4096, seed=0, chunk=512):
+        self.images = torch.empty(length, nc, size, size, dtype=torch.uint8)
+        rng = np.random.default_rng(seed)
+        for start in range(0, length, chunk):  # rng's stream runs row by row: chunking changes nothing
+            n = min(chunk, length - start)
+            image = _render_builtin(rng.random((n, BUILTIN_DRAWS), dtype=np.float32), size)
+            if nc == 1:
+                image = image @ np.array([0.299, 0.587, 0.114], dtype=np.float32)[:, None]
+            pixels = torch.from_numpy(np.rint(image * 255).astype(np.uint8))
+            self.images[start:start + n] = pixels.permute(0, 3, 1, 2)
 
     def __len__(self):
-        return self.length
+        return len(self.images)
 
     def __getitem__(self, index):
-        rng = np.random.default_rng([self.seed, index])
-        x, y = self._x, self._y
-        angle = rng.uniform(0, 2 * np.pi)
-        t = np.clip(0.5 + (x - 0.5) * np.cos(angle) + (y - 0.5) * np.sin(angle), 0, 1)[..., None]
-        c0, c1 = rng.uniform(0, 1, (2, 3)).astype(np.float32)
-        image = c0 * (1 - t) + c1 * t
-        cx, cy, r = rng.uniform(0.25, 0.75), rng.uniform(0.25, 0.75), rng.uniform(0.1, 0.25)
-        image[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.uniform(0, 1, 3)
-        cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.05, 0.15)
-        image[(abs(x - cx) < r) & (abs(y - cy) < r)] = rng.uniform(0, 1, 3)
-        if self.nc == 1:
-            image = image @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        return _to_tensor((image * 255).round().astype(np.uint8)), index
+        return self.images[index].float().div_(127.5).sub_(1.0), index
 
 
 class Folder(Dataset):
@@ -136,7 +155,7 @@ def mnist(root, size):
     images = _read_npz(path) if path.endswith(".npz") else _read_idx(path)
     if images.dtype != np.uint8:
         images = np.clip(images * (255.0 if images.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-    return Tensors(torch.from_numpy(np.ascontiguousarray(images)), size)
+    return Tensors(torch.from_numpy(np.array(images)), size)  # a copy: np.frombuffer arrays are read-only
 
 
 DATASETS = ("builtin", "folder", "mnist")

@@ -1,15 +1,16 @@
 """torchrun / DistributedDataParallel helpers, and BatchNorm statistics synchronised across ranks.
 
 ``setup()``                 reads torchrun's environment, starts the process group, picks the device
-``wrap(model, ...)``        DDP without ``broadcast_buffers`` (see below)
-``broadcast_buffers(m)``    copy rank 0's buffers (BN running stats) to every rank
+``wrap(model, context)``    DDP with ``broadcast_buffers=False`` (see below)
 ``sync_batchnorm(model)``   make every BatchNorm fused by fastgan.fuse synchronise its batch statistics
-``sync_batch_norm_act``     the synchronised op behind it: SyncBatchNorm + activation
+``sync_batch_norm_act``     the synchronised op behind it: SyncBatchNorm + activation, on fastgan's kernels
 
 A GAN step runs D several times before one backward (real, then fake).  DDP's default
 ``broadcast_buffers=True`` overwrites the BN running stats in place at each forward, and the torch
-backward saves them: the second forward breaks the first one's backward (pytorch#175024).  fastgan wraps
-with ``broadcast_buffers=False`` and calls :func:`broadcast_buffers` once per step, outside any graph.
+backward saved them: the second forward breaks the first one's backward (pytorch#175024).  fastgan wraps
+with ``broadcast_buffers=False``.  Nothing is lost: rank 0 is the broadcast's source, so its running stats
+(the ones checkpoints hold) evolve the same either way; the other ranks' are never saved, and train-mode
+BatchNorm does not read them.  With sync_batchnorm they are identical on every rank anyway.
 """
 import dataclasses
 import os
@@ -61,16 +62,6 @@ def wrap(model, context):
         return model
     device_ids = [context.device] if context.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
-
-
-def unwrap(model):
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-@torch.no_grad()
-def broadcast_buffers(model, src=0):
-    for buffer in unwrap(model).buffers():
-        dist.broadcast(buffer, src)
 
 
 def sync_batchnorm(model, process_group=None):

@@ -13,17 +13,18 @@ triton.  Everything else in the Sequential runs at L1 (fastgan.functional.conv_b
 
 Ops (namespace ``fastgan``):
 
-``conv_chain(x, weights, gammas, betas, running_means, running_vars, layout, scalars, allow_tf32) -> (z, saved)``
-    z: the last conv's raw output, x's dtype; contiguous unless x is channels_last.  saved: the other convs'
-    outputs z_k (channels_last), then per BN layer its stats (2, C) = (mean, invstd) and prologue map
-    (3, C), fp32 (fp64 for fp64).  gammas/betas: the affine BN parameters of every layer but the last;
-    running stats: those of every tracking BN layer (updated in place).  layout/scalars: :func:`encode`.
-    Differentiable in x, weights, gammas, betas; saved tensors are the z_k and stats only.
-``conv_chain_backward(dz, x, weights, gammas, saved, layout, scalars, needs, allow_tf32) -> (dx, dweights, dgammas, dbetas)``
-    Gradients of the chain given dz = dL/dz; ``needs`` = [x, each weight, the BN parameters] as 0/1; an
-    unneeded gradient is an empty tensor.
+``conv_chain(x, weights, gammas, betas, running_means, running_vars, layout, scalars, allow_tf32) -> (z, zs, stats)``
+    z: the last conv's raw output, x's dtype; contiguous unless x is channels_last.  zs: the other convs'
+    outputs z_k, flat in one buffer (channels_last views, :func:`saved_views`); stats: per BN layer its
+    (mean, invstd) (2, C) and prologue map (3, C), flat, fp32 (fp64 for fp64).  gammas/betas: the affine BN
+    parameters of every layer but the last; running stats: those of every tracking BN layer (updated in
+    place).  layout/scalars: :func:`encode`.  Differentiable (through :class:`ConvChain`) in x, weights,
+    gammas, betas; what backward needs is the z_k and the stats only.
+``conv_chain_backward(dz, x, weights, gammas, zs, stats, layout, scalars, needs, allow_tf32)``
+    -> (dx, dweights, dgammas, dbetas), the gradients of the chain given dz = dL/dz.  ``needs`` = [x, each
+    weight, the BN parameters] as 0/1; an unneeded gradient is an empty tensor.
 """
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +34,6 @@ from .functional import bn_module_args, conv_bn_act
 from .layers import FusedSequential, FusedStep
 from .ops import ACTIVATIONS
 
-LEVELS = ("L1", "L2")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -68,10 +68,12 @@ def encode(links):
 
 
 def decode(layout, scalars):
-    return [Link(*(bool(v) for v in layout[i * _INTS:i * _INTS + 3]), bool(layout[i * _INTS + 3]),
-                 bool(layout[i * _INTS + 4]), bool(layout[i * _INTS + 5]), layout[i * _INTS + 6],
-                 *scalars[i * _REALS:(i + 1) * _REALS])
-            for i in range(len(layout) // _INTS)]
+    links = []
+    for i in range(len(layout) // _INTS):
+        up, stride, padding, bn, affine, track, act = layout[i * _INTS:(i + 1) * _INTS]
+        links.append(Link(bool(up), stride, padding, bool(bn), bool(affine), bool(track), act,
+                          *scalars[i * _REALS:(i + 1) * _REALS]))
+    return links
 
 
 def _out_channels(link, weight):
@@ -96,13 +98,25 @@ def _stat_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _unpack(saved, links):
-    """saved -> (zs, {link index: (stats, coef)})."""
-    zs, rest, bn = saved[:len(links) - 1], iter(saved[len(links) - 1:]), {}
-    for k, link in enumerate(links):
+def _saved_sizes(links, shapes):
+    """Elements of the flat zs and stats buffers."""
+    zs = sum(N * C * H * W for N, C, H, W in shapes[:-1])
+    return zs, sum(5 * shape[1] for link, shape in zip(links, shapes) if link.bn)
+
+
+def saved_views(links, shapes, zs, stats):
+    """The flat buffers as ([z_k (N, C, H, W) channels_last], {layer: ((2, C) mean/invstd, (3, C) map)})."""
+    views, offset = [], 0
+    for N, C, H, W in shapes[:-1]:
+        views.append(zs[offset:offset + N * C * H * W].view(N, H, W, C).permute(0, 3, 1, 2))
+        offset += N * C * H * W
+    bn, offset = {}, 0
+    for k, (link, shape) in enumerate(zip(links, shapes)):
         if link.bn:
-            bn[k] = (next(rest), next(rest))
-    return zs, bn
+            C = shape[1]
+            bn[k] = stats[offset:offset + 2 * C].view(2, C), stats[offset + 2 * C:offset + 5 * C].view(3, C)
+            offset += 5 * C
+    return views, bn
 
 
 # ----------------------------------------------------------------------------- the ops
@@ -110,56 +124,52 @@ def _unpack(saved, links):
 @torch.library.custom_op("fastgan::conv_chain", mutates_args=("running_means", "running_vars"))
 def conv_chain(x: Tensor, weights: list[Tensor], gammas: list[Tensor], betas: list[Tensor],
                running_means: list[Tensor], running_vars: list[Tensor], layout: list[int], scalars: list[float],
-               allow_tf32: bool) -> tuple[Tensor, list[Tensor]]:
+               allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
     from .kernels import conv_gemm as cg
     from .kernels import outputs
 
     links = decode(layout, scalars)
+    shapes = _shapes(x, weights, links)
+    n_zs, n_stats = _saved_sizes(links, shapes)
+    zs = outputs.empty(n_zs, device=x.device, dtype=x.dtype)
+    stats = outputs.empty(n_stats, device=x.device, dtype=_stat_dtype(x))
+    z_views, bn = saved_views(links, shapes, zs, stats)
+    z_views.append(outputs.empty(shapes[-1], device=x.device, dtype=x.dtype, memory_format=_last_format(x)))
     gammas, betas, running_means, running_vars = map(iter, (gammas, betas, running_means, running_vars))
-    src, zs, bn_saved = cg.Operand(x), [], []
-    for k, (link, weight, shape) in enumerate(zip(links, weights, _shapes(x, weights, links))):
-        last = k == len(links) - 1
-        z = outputs.empty(shape, device=x.device, dtype=x.dtype,
-                          memory_format=_last_format(x) if last else torch.channels_last)
+    src = cg.Operand(x)
+    for k, (link, weight, z) in enumerate(zip(links, weights, z_views)):
         partials = cg.conv(src, weight, link.geometry, z, cg.EPI_STATS if link.bn else cg.EPI_STORE,
                            allow_tf32=allow_tf32)
         coef = None
         if link.bn:
             gamma, beta = (next(gammas), next(betas)) if link.affine else (None, None)
             running = (next(running_means), next(running_vars)) if link.track else (None, None)
-            stats, coef = cg.finalize_stats(partials, gamma, beta, *running, link.momentum, link.eps)
-            bn_saved += [stats, coef]
+            coef = cg.finalize_stats(partials, gamma, beta, *running, link.momentum, link.eps, out=bn[k])[1]
         src = cg.Operand(z, coef, act=link.act, slope=link.slope)
-        if not last:
-            zs.append(z)
-    return z, zs + bn_saved
+    return z_views[-1], zs, stats
 
 
 @conv_chain.register_fake
 def _conv_chain_fake(x, weights, gammas, betas, running_means, running_vars, layout, scalars, allow_tf32):
     links = decode(layout, scalars)
     shapes = _shapes(x, weights, links)
-    zs = [x.new_empty(shape).contiguous(memory_format=torch.channels_last) for shape in shapes[:-1]]
-    bn_saved = []
-    for link, shape in zip(links, shapes):
-        if link.bn:
-            bn_saved += [x.new_empty((2, shape[1]), dtype=_stat_dtype(x)), x.new_empty((3, shape[1]),
-                                                                                       dtype=_stat_dtype(x))]
-    z = x.new_empty(shapes[-1]).contiguous(memory_format=_last_format(x))
-    return z, zs + bn_saved
+    n_zs, n_stats = _saved_sizes(links, shapes)
+    z = torch.empty(shapes[-1], dtype=x.dtype, device=x.device, memory_format=_last_format(x))
+    return z, x.new_empty(n_zs), x.new_empty(n_stats, dtype=_stat_dtype(x))
 
 
 @torch.library.custom_op("fastgan::conv_chain_backward", mutates_args=())
-def conv_chain_backward(dz: Tensor, x: Tensor, weights: list[Tensor], gammas: list[Tensor], saved: list[Tensor],
-                        layout: list[int], scalars: list[float], needs: list[int],
+def conv_chain_backward(dz: Tensor, x: Tensor, weights: list[Tensor], gammas: list[Tensor], zs: Tensor,
+                        stats: Tensor, layout: list[int], scalars: list[float], needs: list[int],
                         allow_tf32: bool) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     from .kernels import conv_gemm as cg
     from .kernels import outputs
 
     links = decode(layout, scalars)
-    zs, bn = _unpack(saved, links)
+    zs, bn = saved_views(links, _shapes(x, weights, links), zs, stats)
     need_x, need_w, need_bn = bool(needs[0]), [bool(n) for n in needs[1:-1]], bool(needs[-1])
-    gamma_of = dict(zip([k for k, link in enumerate(links) if link.affine], gammas))
+    affine = [k for k, link in enumerate(links) if link.affine]  # the layers whose gamma/beta were passed
+    gamma_of = dict(zip(affine, gammas))
     # The lowest layer that wants a gradient: the dgrads stop above it.
     lowest = -1 if need_x else min([k for k, link in enumerate(links) if need_w[k] or (need_bn and link.affine)],
                                    default=len(links))
@@ -173,7 +183,7 @@ def conv_chain_backward(dz: Tensor, x: Tensor, weights: list[Tensor], gammas: li
 
     dx = x.new_empty(0)
     dweights = [w.new_empty(0) for w in weights]
-    dgammas, dbetas = {}, {}
+    dgammas, dbetas = [g.new_empty(0) for g in gammas], [g.new_empty(0) for g in gammas]
     grad = cg.Operand(dz)
     for k in reversed(range(len(links))):
         link, weight = links[k], weights[k]
@@ -186,90 +196,98 @@ def conv_chain_backward(dz: Tensor, x: Tensor, weights: list[Tensor], gammas: li
             dx = outputs.empty_like(x)
             cg.conv(grad, weight, link.geometry.transposed(), dx, allow_tf32=allow_tf32)
             break
-        below = links[k - 1]
-        stats, coef = bn.get(k - 1, (None, None))
-        g = outputs.empty_like(zs[k - 1])
+        below, z_below = links[k - 1], zs[k - 1]
+        stats_below, coef_below = bn.get(k - 1, (None, None))
+        g = outputs.empty_like(z_below)
         partials = cg.conv(grad, weight, link.geometry.transposed(), g, cg.EPI_GRAD,
-                           below=(zs[k - 1], stats, coef, below.act, below.slope), allow_tf32=allow_tf32)
+                           below=(z_below, stats_below, coef_below, below.act, below.slope), allow_tf32=allow_tf32)
         if below.bn:
-            sums, back = cg.finalize_grad(partials, stats, gamma_of.get(k - 1))
+            sums, back = cg.finalize_grad(partials, stats_below, gamma_of.get(k - 1))
             if below.affine:
-                gamma = gamma_of[k - 1]
-                dbetas[k - 1], dgammas[k - 1] = sums[0].to(gamma.dtype, copy=True), sums[1].to(gamma.dtype, copy=True)
-            grad = cg.Operand(g, back, q=zs[k - 1])
+                i = affine.index(k - 1)
+                dbetas[i], dgammas[i] = (row.to(gammas[i].dtype, copy=True) for row in sums)
+            grad = cg.Operand(g, back, q=z_below)
         else:
             grad = cg.Operand(g)
-    order = sorted(gamma_of)
-    return (dx, dweights, [dgammas.get(k, gamma_of[k].new_empty(0)) for k in order],
-            [dbetas.get(k, gamma_of[k].new_empty(0)) for k in order])
+    return dx, dweights, dgammas, dbetas
 
 
 @conv_chain_backward.register_fake
-def _conv_chain_backward_fake(dz, x, weights, gammas, saved, layout, scalars, needs, allow_tf32):
+def _conv_chain_backward_fake(dz, x, weights, gammas, zs, stats, layout, scalars, needs, allow_tf32):
     dx = torch.empty_like(x) if needs[0] else x.new_empty(0)
-    dweights = [w.new_empty(w.shape) if need else w.new_empty(0) for w, need in zip(weights, needs[1:-1])]
-    dgammas = [g.new_empty(g.shape) if needs[-1] else g.new_empty(0) for g in gammas]
-    return dx, dweights, dgammas, [g.new_empty(g.shape) if needs[-1] else g.new_empty(0) for g in gammas]
+    dweights = [w.new_empty(w.shape if need else 0) for w, need in zip(weights, needs[1:-1])]
+    return dx, dweights, *([g.new_empty(g.shape if needs[-1] else 0) for g in gammas] for _ in range(2))
 
 
-def _chain_setup(ctx, inputs, output):
-    x, weights, gammas, betas, running_means, running_vars, layout, scalars, allow_tf32 = inputs
-    saved = output[1]
-    ctx.mark_non_differentiable(*saved)
-    ctx.save_for_backward(x, *weights, *gammas, *saved)
-    ctx.config = (len(weights), len(gammas), len(running_means), layout, scalars, allow_tf32)
+class ConvChain(torch.autograd.Function):
+    """Autograd for conv_chain.  (torch.library registers no autograd formula for an op that mutates its
+    inputs, and conv_chain updates the running stats in its finalize kernels.)
 
+    apply(x, n_weights, n_gammas, running_means, running_vars, layout, scalars, allow_tf32, *weights, *gammas,
+    *betas) -> (z, zs, stats)"""
 
-def _chain_grad(ctx, dz, _dsaved):
-    n_weights, n_gammas, n_running, layout, scalars, allow_tf32 = ctx.config
-    x, *rest = ctx.saved_tensors
-    weights, gammas, saved = rest[:n_weights], rest[n_weights:n_weights + n_gammas], rest[n_weights + n_gammas:]
-    need_x, need_w, need_gammas, need_betas = ctx.needs_input_grad[:4]
-    need_bn = any(need_gammas) or any(need_betas)
-    dx, dweights, dgammas, dbetas = conv_chain_backward(
-        dz, x, list(weights), list(gammas), list(saved), layout, scalars,
-        [int(need_x), *map(int, need_w), int(need_bn)], allow_tf32)
+    @staticmethod
+    def forward(ctx, x, n_weights, n_gammas, running_means, running_vars, layout, scalars, allow_tf32, *params):
+        weights, gammas = params[:n_weights], params[n_weights:n_weights + n_gammas]
+        betas = params[n_weights + n_gammas:]
+        z, zs, stats = conv_chain(x, list(weights), list(gammas), list(betas), running_means, running_vars, layout,
+                                  scalars, allow_tf32)
+        ctx.mark_non_differentiable(zs, stats)
+        ctx.save_for_backward(x, zs, stats, *weights, *gammas)
+        ctx.config = (n_weights, layout, scalars, allow_tf32)
+        return z, zs, stats
 
-    def keep(grads, needed):
-        return [g if n else None for g, n in zip(grads, needed)]
-
-    return (dx if need_x else None, keep(dweights, need_w), keep(dgammas, need_gammas), keep(dbetas, need_betas),
-            [None] * n_running, [None] * n_running, None, None, None)
-
-
-torch.library.register_autograd("fastgan::conv_chain", _chain_grad, setup_context=_chain_setup)
+    @staticmethod
+    def backward(ctx, dz, _dzs, _dstats):
+        n_weights, layout, scalars, allow_tf32 = ctx.config
+        x, zs, stats, *params = ctx.saved_tensors
+        need_x, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[8:]
+        need_w, need_bn = need_params[:n_weights], any(need_params[n_weights:])
+        dx, dweights, dgammas, dbetas = conv_chain_backward(
+            dz, x, params[:n_weights], params[n_weights:], zs, stats, layout, scalars,
+            [int(need_x), *map(int, need_w), int(need_bn)], allow_tf32)
+        grads = [*dweights, *dgammas, *dbetas]
+        return (dx if need_x else None, None, None, None, None, None, None, None,
+                *(g if need else None for g, need in zip(grads, need_params)))
 
 
 # ----------------------------------------------------------------------------- FusedSequential at L2
 
 def set_level(model, level):
     """Set the fusion level ("L1" or "L2") of every FusedSequential in ``model``; returns ``model``."""
-    check_level(level)
+    if level not in ("L1", "L2"):
+        raise ValueError(f"level must be 'L1' or 'L2', got {level!r}")
     for module in model.modules():
         if isinstance(module, FusedSequential):
             module.level = level
     return model
 
 
-def check_level(level):
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-    return level
+class _Layer(NamedTuple):
+    """A conv -> BN? -> activation step of a FusedSequential that runs in a chain."""
+    conv: nn.Module
+    bn: Optional[nn.BatchNorm2d]
+    act: str
+    slope: float
+    geometry: tuple  # kernels.conv_gemm.Geometry
+    out_hw: tuple
 
 
 def _geometry(conv, hw):
-    """(up, stride, padding) when ``conv`` on an input of spatial size ``hw`` runs at L2, else None."""
+    """The kernels' Geometry of ``conv`` on an input of spatial size ``hw`` when it runs at L2, else None."""
     if type(conv) not in (nn.Conv2d, nn.ConvTranspose2d) or conv.bias is not None or conv.groups != 1:
         return None
     if conv.kernel_size != (4, 4) or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
         return None
+    from .kernels.conv_gemm import Geometry
+
     up = type(conv) is nn.ConvTranspose2d
     if up and conv.output_padding != (0, 0):
         return None
     if conv.stride == (2, 2) and conv.padding == (1, 1) and (up or (hw[0] % 2 == 0 and hw[1] % 2 == 0)):
-        return up, 2, 1
+        return Geometry(up, 2, 1)
     if conv.stride == (1, 1) and conv.padding == (0, 0) and tuple(hw) == ((1, 1) if up else (4, 4)):
-        return up, 4, 0
+        return Geometry(up, 4, 0)
     return None
 
 
@@ -278,12 +296,24 @@ def _batch_stats_bn(bn):
                            and (bn.training or (bn.running_mean is None and bn.running_var is None))))
 
 
+def _extension(seq, x, chain, conv, bn):
+    """(Geometry, output size) with which ``conv`` (-> ``bn``) extends ``chain`` (or starts one on x), or None."""
+    if chain:
+        channels, hw = chain[-1].conv.out_channels, chain[-1].out_hw
+    elif (isinstance(x, Tensor) and x.dim() == 4 and x.dtype in _FLOATS
+          and backends.resolve(seq.backend, x.device) == "triton"):
+        channels, hw = x.shape[1], tuple(x.shape[2:])
+    else:
+        return None
+    geometry = _geometry(conv, hw)
+    if geometry is None or conv.in_channels != channels or not _batch_stats_bn(bn):
+        return None
+    return geometry, geometry.out_size(*hw)
+
+
 def sequential_forward(seq, x, end):
     """FusedSequential.forward at level L2: maximal runs of eligible layers as chains, the rest at L1."""
-    modules = seq._modules
-    chain, channels, hw = [], None, None
-    fused = (isinstance(x, Tensor) and x.dim() == 4 and x.dtype in _FLOATS
-             and backends.resolve(seq.backend, x.device) == "triton")
+    modules, chain = seq._modules, []
     for step in seq._steps:
         if isinstance(step, FusedStep):
             if step.last >= end:
@@ -293,46 +323,40 @@ def sequential_forward(seq, x, end):
             if seq._index[step] >= end:
                 break
             conv, bn, act, slope = modules[step], None, "none", 0.0
-        if not chain:
-            channels, hw = (x.shape[1], x.shape[2:]) if fused else (None, None)
-        geometry = _geometry(conv, hw) if fused and conv.in_channels == channels else None
-        if geometry is not None and _batch_stats_bn(bn) and conv.weight.dtype in _FLOATS:
-            chain.append((conv, bn, act, slope, geometry))
-            channels = conv.out_channels
-            hw = Link(*geometry, *(False,) * 3, 0, 0.0, 0.0, 0.0).geometry.out_size(*hw)
+        extension = _extension(seq, x, chain, conv, bn)
+        if extension is not None:
+            chain.append(_Layer(conv, bn, act, slope, *extension))
             continue
         x = _run_chain(x, chain)
         chain = []
         x = conv_bn_act(x, conv, bn, act, slope, seq.backend) if isinstance(step, FusedStep) else modules[step](x)
-        fused = fused and isinstance(x, Tensor) and x.dim() == 4 and x.dtype in _FLOATS
     return _run_chain(x, chain)
 
 
 def _run_chain(x, chain):
-    """Run ``chain`` [(conv, bn, act, slope, (up, stride, padding))] on x; then the last BN + activation."""
+    """Run the _Layers of ``chain`` on x with conv_chain, then the last layer's BN + activation."""
     if not chain:
         return x
     from . import ops
 
-    device_type = x.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    x = x.to(dtype)
-    weights = [conv.weight.to(dtype) for conv, *_ in chain]
+    weights = [layer.conv.weight for layer in chain]
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weights = x.to(dtype), [w.to(dtype) for w in weights]
     for i, w in enumerate(weights):
         if w.dtype != dtype or w.device != x.device:
             raise ValueError(f"layer {i} of the chain has {w.dtype} weights on {w.device} but its input is {dtype} "
                              f"on {x.device}; convert the model and the input to one dtype and device")
     links, gammas, betas, running_means, running_vars = [], [], [], [], []
-    shape = x.shape
-    for k, (conv, bn, act, slope, geometry) in enumerate(chain):
-        shape = (shape[0], conv.out_channels, *Link(*geometry, *(False,) * 3, 0, 0.0, 0.0, 0.0).geometry.out_size(
-            *shape[2:]))
-        last = k == len(chain) - 1
-        if bn is None:
-            links.append(Link(*geometry, False, False, False, ACTIVATIONS[act], slope, 0.0, 0.0))
+    for k, layer in enumerate(chain):
+        act = ACTIVATIONS[layer.act]
+        if layer.bn is None:
+            links.append(Link(*layer.geometry, False, False, False, act, layer.slope, 0.0, 0.0))
             continue
-        args = bn_module_args(bn, torch.empty(shape, device="meta"))
-        affine = args["weight"] is not None and not last
+        shape = (x.shape[0], layer.conv.out_channels, *layer.out_hw)
+        args = bn_module_args(layer.bn, torch.empty(shape, device="meta"))
+        affine = args["weight"] is not None and k < len(chain) - 1
         track = args["running_mean"] is not None
         if affine:
             gammas.append(args["weight"])
@@ -340,13 +364,14 @@ def _run_chain(x, chain):
         if track:
             running_means.append(args["running_mean"])
             running_vars.append(args["running_var"])
-        links.append(Link(*geometry, True, affine, track, ACTIVATIONS[act], slope, args["momentum"], args["eps"]))
-    z, saved = conv_chain(x, weights, gammas, betas, running_means, running_vars, *encode(links),
-                          torch.backends.cudnn.allow_tf32)
-    conv, bn, act, slope, _ = chain[-1]
-    if bn is not None:
-        mean, invstd = saved[-2]
-        return ops.bn_act(z, mean, invstd, bn.weight, bn.bias, True, ACTIVATIONS[act], float(slope))
-    if act != "none":
-        return ops.bn_act(z, None, None, None, None, False, ACTIVATIONS[act], float(slope))
+        links.append(Link(*layer.geometry, True, affine, track, act, layer.slope, args["momentum"], args["eps"]))
+    z, zs, stats = ConvChain.apply(x, len(weights), len(gammas), running_means, running_vars, *encode(links),
+                                   torch.backends.cudnn.allow_tf32, *weights, *gammas, *betas)
+    last, C = chain[-1], chain[-1].conv.out_channels
+    if last.bn is not None:
+        mean, invstd = stats[-5 * C:-3 * C].view(2, C)  # saved_views' layout: the last BN's stats, then its map
+        return ops.bn_act(z, mean, invstd, last.bn.weight, last.bn.bias, True, ACTIVATIONS[last.act],
+                          float(last.slope))
+    if last.act != "none":
+        return ops.bn_act(z, None, None, None, None, False, ACTIVATIONS[last.act], float(last.slope))
     return z

@@ -62,11 +62,16 @@ def plan(modules):
 class FusedSequential(nn.Sequential):
     """nn.Sequential whose conv/linear -> BatchNorm -> ReLU|LeakyReLU|Tanh runs are fused.
 
-    The fusion is planned at construction: call :func:`fuse` again after editing the children."""
+    The fusion is planned at construction: call :func:`fuse` again after editing the children.
+    ``level``: "L1" (cuDNN convolutions) or "L2" (fastgan.fused_conv: Triton convolutions carrying BN and
+    activation, for the layers it covers); settable later, e.g. with fastgan.fused_conv.set_level."""
 
-    def __init__(self, *args, backend="auto"):
+    def __init__(self, *args, backend="auto", level="L1"):
         super().__init__(*args)
         self.backend = backends.check_name(backend)
+        if level not in ("L1", "L2"):
+            raise ValueError(f"level must be 'L1' or 'L2', got {level!r}")
+        self.level = level
         self._steps = plan(list(self._modules.items()))
         self._index = {name: i for i, name in enumerate(self._modules)}
 
@@ -77,6 +82,10 @@ class FusedSequential(nn.Sequential):
     def forward(self, x, end=None):
         """Run the children with index < ``end`` (all by default)."""
         end = len(self) if end is None else end
+        if self.level == "L2":
+            from .fused_conv import sequential_forward  # fused_conv imports this module
+
+            return sequential_forward(self, x, end)
         modules = self._modules
         for step in self._steps:
             if isinstance(step, FusedStep):
@@ -91,7 +100,7 @@ class FusedSequential(nn.Sequential):
         return x
 
     def extra_repr(self):
-        return f"backend={self.backend!r}, fused={len(self.fused_steps)}"
+        return f"backend={self.backend!r}, level={self.level!r}, fused={len(self.fused_steps)}"
 
 
 def fuse(model, backend="auto"):

@@ -67,7 +67,7 @@ def wasserstein_generator_loss(fake_out):
 
 
 def gradient_penalty(critic, real, fake, weight=10.0, alpha=None):
-    """WGAN-GP (Gulrajani et al.): weight * mean_i (||d critic(x_i) / d x_i||_2 - 1)^2 at x = alpha*real + (1-alpha)*fake.
+    """WGAN-GP (Gulrajani et al.): weight * mean_i (||d critic(x_i)/d x_i||_2 - 1)^2, x = alpha*real + (1-alpha)*fake.
 
     critic: images (N, ...) -> (N,) scores.  alpha: (N,) in [0, 1], uniform random by default.  real and fake
     are detached: the penalty's gradient reaches the critic's parameters only.  Returns a 0-dim fp32 tensor.

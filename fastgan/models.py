@@ -69,11 +69,17 @@ class DCGAN(nn.Module):
         device = device if device is not None else next(self.generator.parameters()).device
         return torch.randn(batch_size, self.nz, 1, 1, device=device)
 
-    def train_step(self, real, opt_g, opt_d, noise=None, label_smoothing=0.0):
+    def train_step(self, real, opt_g, opt_d, noise=None, label_smoothing=0.0, cuda_graph=False):
         """One step of the examples/dcgan loop: update D on real and on G(noise).detach(), then G.
 
         ``noise`` defaults to N(0, 1) of shape (N, nz, 1, 1), drawn after D's real pass as the reference does.
-        D's weight gradients are not computed during the G update, where the reference throws them away."""
+        D's weight gradients are not computed during the G update, where the reference throws them away.
+        ``cuda_graph``: run the step as one CUDA graph (fastgan.step; needs Adam(..., capturable=True));
+        on CPU it runs eagerly."""
+        if cuda_graph:
+            from .step import captured_step  # step imports this module
+
+            return captured_step(self, opt_g, opt_d, label_smoothing)(real, noise)
         G, D = self.generator, self.discriminator
         D.zero_grad()
         real_logits = D.logits(real)

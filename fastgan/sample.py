@@ -7,7 +7,9 @@ run (keys prefixed ``module.``); the preset and its sizes are read from the tens
 --preset is given.  BatchNorm uses the statistics of the sampled batch, as the training grids do
 (--eval: the running statistics).
 """
+import argparse
 import math
+import os
 
 import numpy as np
 import torch
@@ -49,6 +51,17 @@ def sample_noise(n, nz, kind, device, generator=None):
     return torch.randn(n, nz, generator=generator, device=device)
 
 
+def parse_device(name):
+    """torch.device for --device (default: cuda if available, else cpu); CommandError when it cannot be used."""
+    try:
+        device = torch.device(name) if name else backends.default_device()
+    except RuntimeError as exc:
+        raise CommandError(f"--device {name}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return device
+
+
 def load_generator(path, preset=None, nz=None, ngf=None, nc=None, device="cpu", backend="auto"):
     """(fused generator on ``device``, its recipe) from a generator checkpoint; CommandError when it does not fit."""
     try:
@@ -73,6 +86,7 @@ def load_generator(path, preset=None, nz=None, ngf=None, nc=None, device="cpu", 
 
 
 def add_common(parser):
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--netG", required=True, help="generator checkpoint (.pth state_dict)")
     parser.add_argument("--preset", choices=presets.PRESETS, help="default: found from the checkpoint")
     parser.add_argument("--nz", type=int)
@@ -86,15 +100,16 @@ def add_common(parser):
 
 def prepare(args, command, batch):
     """The generator (in the mode --eval asks for), its recipe and device, or SystemExit with one line."""
-    device = torch.device(args.device) if args.device else backends.default_device()
     if batch < 2 and not args.eval:
         raise fail(command, f"BatchNorm on batch statistics needs 2 or more images, got {batch}; "
                             "ask for more, or pass --eval")
     try:
+        device = parse_device(args.device)
         backends.resolve(args.backend, device)
         G, recipe = load_generator(args.netG, args.preset, args.nz, args.ngf, args.nc, device, args.backend)
     except (CommandError, backends.BackendUnavailable) as exc:
         raise fail(command, exc) from None
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     return G.train(not args.eval), recipe, device
 
 

@@ -1,4 +1,4 @@
-"""Train a GAN: examples/dcgan's flags on fastgan's fused kernels, for the presets of DESIGN.md section 7.
+"""Train a DCGAN, or one of its classic variants (--preset), on fastgan's fused kernels with examples/dcgan's flags.
 
     python -m fastgan train --max-steps 300                 # builtin data; without a GPU, CPU-sized defaults
     python -m fastgan train --dataset folder --dataroot ~/celeba --amp bf16 --channels-last
@@ -9,6 +9,7 @@ netG_epoch_N.pth / netD_epoch_N.pth, plain state_dicts that load into the preset
 (dcgan64's into examples/dcgan's models); train_state_epoch_N.pt beside them (optimizers, position,
 loss history), which --netG/--netD read to resume; loss_curve.png.  Ctrl-C saves before it exits.
 """
+import argparse
 import contextlib
 import dataclasses
 import math
@@ -23,18 +24,19 @@ import torch
 from . import backends, data, distributed, losses, presets
 from .checkpoint import load_checkpoint
 from .layers import fuse
-from .sample import CommandError, fail, sample_noise, save_grid
+from .sample import CommandError, fail, parse_device, sample_noise, save_grid
 
 CPU_BATCH, CPU_WIDTH_DIVISOR = 16, 4  # defaults without a GPU: batch 16, a quarter of the preset's widths
 N_FIXED = 64  # images in each sample grid
 
 
 def add_arguments(parser):
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     a = parser.add_argument
     a("--dataset", default="builtin", choices=(*data.DATASETS, *data.FOLDER_ALIASES),
       help="builtin: generated, no download (default); folder: any image tree; mnist: idx or npz files")
     a("--dataroot", help="the folder (or mnist file) for --dataset folder|mnist")
-    a("--workers", type=int, help="data loader processes (default: 2 for folder, else 0)")
+    a("--workers", type=int, help="data loader processes (default: up to 8 for folder; 0 for the in-memory sets)")
     a("--batchSize", type=int, help=f"total over all processes (default: 64; {CPU_BATCH} without a GPU)")
     a("--imageSize", type=int, help="must match the preset (default: the preset's)")
     a("--nz", type=int, help="latent size (default: the preset's, 100)")
@@ -143,8 +145,9 @@ class Trainer:
     G and D are fused modules (DDP-wrapped when distributed).  During G steps, D's parameters are frozen
     (their gradients would be thrown away) and D runs unwrapped, outside DDP's gradient sync."""
 
-    def __init__(self, G, D, settings, context=distributed.Context(), backend="auto", amp=None, gp_weight=10.0):
-        self.s, self.context, self.backend, self.gp_weight = settings, context, backend, gp_weight
+    def __init__(self, G, D, settings, context=distributed.Context(), backend="auto", amp=None, gp_weight=10.0,
+                 seed=0):
+        self.s, self.context, self.backend, self.gp_weight, self.seed = settings, context, backend, gp_weight, seed
         self.g_module, self.d_module = G, D
         self.G, self.D = distributed.wrap(G, context), distributed.wrap(D, context)
         device = context.device
@@ -156,6 +159,7 @@ class Trainer:
         self.scaler_g = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         self.scaler_d = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         self.batches = 0
+        self.generator = torch.Generator(device)
 
     def state_dict(self):
         return dict(opt_g=self.opt_g.state_dict(), opt_d=self.opt_d.state_dict(), batches=self.batches,
@@ -174,7 +178,7 @@ class Trainer:
         return torch.autocast(self.context.device.type, dtype=self.amp_dtype)
 
     def noise(self, n):
-        return sample_noise(n, self.s.nz, self.s.noise, self.context.device)
+        return sample_noise(n, self.s.nz, self.s.noise, self.context.device, self.generator)
 
     def d_loss(self, real_out, fake_out, real, fake):
         s = self.s
@@ -184,8 +188,9 @@ class Trainer:
             return losses.lsgan_discriminator_loss(real_out, fake_out, s.label_smoothing)
         if s.loss == "hinge":
             return losses.hinge_discriminator_loss(real_out, fake_out)
+        alpha = torch.rand(real.shape[0], generator=self.generator, device=real.device)
         return losses.wasserstein_discriminator_loss(real_out, fake_out) + losses.gradient_penalty(
-            self.d_module, real, fake, self.gp_weight)
+            self.d_module, real, fake, self.gp_weight, alpha)
 
     def g_loss(self, fake_out):
         if self.s.loss == "bce":
@@ -208,7 +213,9 @@ class Trainer:
         """Train on one batch; ``noise`` (N, nz) feeds D's fake batch and the first G step (default: drawn).
 
         Returns 0-dim tensors [loss_D, loss_G, D(x), D(G(z)) in the D step, D(G(z)) in the last G step],
-        NaN for the G entries when no G step ran."""
+        NaN for the G entries when no G step ran.  The random draws (z, the penalty's alpha) come from
+        (seed, rank, batch number): different on every rank, and the same after a resume."""
+        self.generator.manual_seed(((self.seed * 65_537 + self.context.rank) * 1_000_003 + self.batches) % 2**63)
         g_round = (self.batches + 1) % self.s.d_steps == 0
         self.batches += 1
         noise = self.noise(real.shape[0]) if noise is None else noise
@@ -253,18 +260,19 @@ def save_loss_curve(path, history):
     width, height, left, right, top, bottom = 720, 360, 64, 16, 28, 32
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    rows = [r for r in history if all(math.isfinite(v) for v in r[1:2])]
+    rows = [r for r in history if math.isfinite(r[1])]
     values = [v for r in rows for v in r[1:] if math.isfinite(v)]
     if not values:
         image.save(path)
         return
-    lo, hi = min(values), max(values)
+    values.sort()
+    lo, hi = values[0], values[(len(values) - 1) * 99 // 100]  # the top 1% (loss spikes) is clipped
     hi = hi if hi > lo else lo + 1.0
     s0, s1 = rows[0][0], max(rows[-1][0], rows[0][0] + 1)
 
     def xy(step, value):
         return (left + (step - s0) / (s1 - s0) * (width - left - right),
-                height - bottom - (value - lo) / (hi - lo) * (height - top - bottom))
+                height - bottom - (min(value, hi) - lo) / (hi - lo) * (height - top - bottom))
 
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     for i in range(5):
@@ -291,12 +299,14 @@ class Run:
         self.s = resolve_settings(args, context, self.resumed and self.resumed["settings"])
         seed = args.manualSeed if args.manualSeed is not None else (
             self.resumed["seed"] if self.resumed else random.randint(1, 10000))
+        if context.distributed:  # one seed for all: the data shards and the fixed noise depend on it
+            shared = [seed]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            seed = shared[0]
         self.seed = seed
-        random.seed(seed)
         torch.manual_seed(seed)
-        workers = args.workers if args.workers is not None else (2 if args.dataset in ("folder", "imagenet",
-                                                                                         "lfw") else 0)
-        self.workers = workers
+        folder = args.dataset in ("folder", *data.FOLDER_ALIASES)
+        self.workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if folder else 0)
         try:
             self.dataset = data.make_dataset(args.dataset, args.dataroot, self.s.image_size, self.s.nc,
                                              args.builtin_images, args.builtin_seed)
@@ -319,7 +329,7 @@ class Run:
         if args.sync_bn and context.distributed:
             distributed.sync_batchnorm(G)
             distributed.sync_batchnorm(D)
-        self.trainer = Trainer(G, D, self.s, context, args.backend, args.amp, args.gp_weight)
+        self.trainer = Trainer(G, D, self.s, context, args.backend, args.amp, args.gp_weight, seed)
         self.fixed_noise = sample_noise(N_FIXED, self.s.nz, self.s.noise, "cpu",
                                         torch.Generator().manual_seed(seed)).to(device)
         self.epoch, self.batch, self.step, self.history = 0, 0, 0, []
@@ -374,7 +384,9 @@ class Run:
                 f"device {c.device}, backend {which}, seed {self.seed}"
                 + (f"{', amp ' + a.amp if a.amp else ''}{', channels_last' if a.channels_last else ''}")
                 + (" [no GPU: smaller defaults, set --batchSize/--ngf/--ndf to change them]" if small else "")
-                + (f"; resuming at epoch {self.epoch}, batch {self.batch}" if self.resumed else ""))
+                + (f"; resuming at epoch {self.epoch}, batch {self.batch}" if self.resumed else "")
+                + ("; starting from the given weights (no train_state file beside --netG/--netD: epoch 0, "
+                   "fresh optimizers)" if (a.netG or a.netD) and not self.resumed else ""))
 
     def sample_grid(self):
         """G(fixed noise) with batch statistics, as examples/dcgan draws it; G's running stats stay untouched."""
@@ -407,46 +419,49 @@ class Run:
         return written
 
     def loop(self):
+        """Epochs until --niter or --max-steps; returns the paths the last save wrote."""
         from tqdm import tqdm
 
-        args, c, trainer = self.args, self.context, self.trainer
-        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+        args, c = self.args, self.context
         max_steps = args.max_steps if args.max_steps is not None else math.inf
-        window_start, window_images = time.perf_counter(), 0
         written = []
         while self.epoch < args.niter and self.step < max_steps:
             loader = data.epoch_loader(self.dataset, self.per_rank, self.epoch, self.seed, c.rank, c.world_size,
                                        self.batch, self.workers, pin_memory=c.device.type == "cuda")
-            bar = tqdm(total=self.steps_per_epoch, initial=self.batch, desc=f"epoch {self.epoch}/{args.niter}",
-                       disable=not c.main, dynamic_ncols=True, file=sys.stdout)
-            for real, failed in loader:
-                self.failed.update(failed)
-                if real is None:
-                    raise CommandError("every image of a batch failed to decode; check the files under "
-                                       f"--dataroot {args.dataroot}")
-                if self.step == 0 and c.main:
-                    save_grid(real[:N_FIXED], os.path.join(args.outf, "real_samples.png"))
-                real = real.to(c.device, memory_format=fmt, non_blocking=True)
-                self.pending.append(trainer.step(real))
-                self.step, self.batch = self.step + 1, self.batch + 1
-                window_images += self.s.batch_size
-                bar.update(1)
-                end = self.batch == self.steps_per_epoch or self.step >= max_steps
-                if len(self.pending) >= args.log_every or end:
-                    last = self.flush()
-                    elapsed = time.perf_counter() - window_start
-                    bar.set_postfix(dict(Loss_D=f"{last[0]:.3f}", Loss_G=f"{last[1]:.3f}", D_x=f"{last[2]:.3f}",
-                                         D_G_z=f"{last[3]:.3f}/{last[4]:.3f}",
-                                         img_s=f"{window_images / elapsed:.0f}"), refresh=False)
-                    window_start, window_images = time.perf_counter(), 0
-                if self.step >= max_steps:
-                    break
-            bar.close()
+            with tqdm(total=self.steps_per_epoch, initial=self.batch, desc=f"epoch {self.epoch}/{args.niter}",
+                      disable=not c.main, dynamic_ncols=True, file=sys.stdout) as bar:
+                self._epoch(loader, bar, max_steps)
             complete = self.batch == self.steps_per_epoch
             written = self.save(complete)
             if complete:
                 self.epoch, self.batch = self.epoch + 1, 0
         return written
+
+    def _epoch(self, loader, bar, max_steps):
+        args, c = self.args, self.context
+        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+        window_start, window_images = time.perf_counter(), 0
+        for real, failed in loader:
+            self.failed.update(failed)
+            if real is None:
+                raise CommandError("every image of a batch failed to decode; check the files under "
+                                   f"--dataroot {args.dataroot}")
+            if self.step == 0 and c.main:
+                save_grid(real[:N_FIXED], os.path.join(args.outf, "real_samples.png"))
+            real = real.to(c.device, memory_format=fmt, non_blocking=True)
+            self.pending.append(self.trainer.step(real))
+            self.step, self.batch = self.step + 1, self.batch + 1
+            window_images += self.s.batch_size
+            bar.update(1)
+            if len(self.pending) >= args.log_every or self.batch == self.steps_per_epoch or self.step >= max_steps:
+                last = self.flush()
+                rate = window_images / (time.perf_counter() - window_start)
+                v = [f"{x:.3f}" if math.isfinite(x) else "-" for x in last]  # "-": no G step yet
+                bar.set_postfix(dict(Loss_D=v[0], Loss_G=v[1], D_x=v[2], D_G_z=f"{v[3]}/{v[4]}", img_s=f"{rate:.0f}"),
+                                refresh=False)
+                window_start, window_images = time.perf_counter(), 0
+            if self.step >= max_steps:
+                break
 
     def flush(self):
         """Move the pending step results into the history; returns the latest value of each statistic."""
@@ -470,11 +485,19 @@ class Run:
 
 def run(args):
     try:
-        context = distributed.setup(args.device)
+        context = distributed.setup(parse_device(args.device))
         backends.resolve(args.backend, context.device)
         train = Run(args, context)
     except (CommandError, backends.BackendUnavailable) as exc:
         raise fail("train", exc) from None
+    try:
+        return _run(args, context, train)
+    finally:
+        if context.distributed:
+            torch.distributed.destroy_process_group()
+
+
+def _run(args, context, train):
     if context.main:
         os.makedirs(args.outf, exist_ok=True)
         print(train.describe(), flush=True)
@@ -500,6 +523,4 @@ def run(args):
             names = sorted(train.dataset.files[i] for i in failed)
             print(f"skipped {len(failed)} unreadable file(s), e.g. {names[0]}")
         print(f"done: {train.step} steps; wrote {', '.join(written)}")
-    if context.distributed:
-        torch.distributed.destroy_process_group()
     return 0

@@ -2,8 +2,10 @@
 
 DCGAN's 4x4-kernel layers, as two geometries with stride S and padding P:
 
-    DOWN(S, P)  Conv2d(k4, S, P):           out[n, o, y, x] = sum_{r, kh, kw} in[n, r, S*y - P + kh, S*x - P + kw] w[o, r, kh, kw]
-    UP(S, P)    ConvTranspose2d(k4, S, P):  out[n, o, S*i - P + kh, S*j - P + kw] += in[n, r, i, j] w[r, o, kh, kw]
+    DOWN(S, P), Conv2d(k4, S, P):
+        out[n, o, y, x] = sum_{r, kh, kw} in[n, r, S*y - P + kh, S*x - P + kw] * w[o, r, kh, kw]
+    UP(S, P), ConvTranspose2d(k4, S, P):
+        out[n, o, S*i - P + kh, S*j - P + kw] += in[n, r, i, j] * w[r, o, kh, kw]   (for all n, r, i, j, kh, kw)
 
 DOWN(2, 1) / UP(2, 1) are the k4s2p1 layers.  DOWN(4, 0) / UP(4, 0) are the end layers 4x4 -> 1x1 and
 1x1 -> 4x4 (identical to k4s1p0 on those sizes): one tap per output pixel, i.e. plain GEMMs.  UP runs as S*S
@@ -109,9 +111,13 @@ def _conv_kernel(src_ptr, q_ptr, pro_coef_ptr, w_ptr, out_ptr, z_ptr, epi_coef_p
     j = rest - i * grid_w
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-    for t in tl.static_range(TAPS * TAPS):
+    # One loop over (tap, channel block), so that the pipeliner overlaps loads across taps.
+    k_blocks = tl.cdiv(C_in, BLOCK_K)
+    for it in range(TAPS * TAPS * k_blocks):
+        t = it // k_blocks
+        ks = (it - t * k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
         th = t // TAPS
-        tw = t % TAPS
+        tw = t - th * TAPS
         if UP:
             # out[S*i + ph] takes the taps kh = (ph + P) mod S + S*th, from in[i + (ph + P) div S - th].
             kh = (ph + P) % S + S * th
@@ -124,18 +130,14 @@ def _conv_kernel(src_ptr, q_ptr, pro_coef_ptr, w_ptr, out_ptr, z_ptr, epi_coef_p
             ih = S * i - P + kh
             iw = S * j - P + kw
         valid = row_mask & (ih >= 0) & (ih < H_in) & (iw >= 0) & (iw < W_in)
-        base = n * s_n + ih * s_h + iw * s_w
-        w_tap = w_ptr + kh * w_kh + kw * w_kw
-        for c0 in range(0, C_in, BLOCK_K):
-            ks = c0 + tl.arange(0, BLOCK_K)
-            k_mask = ks < C_in
-            mask = valid[:, None] & k_mask[None, :]
-            offs = base[:, None] + (ks * s_c)[None, :]
-            a = _load_operand(src_ptr + offs, q_ptr + offs, mask, pro_coef_ptr, ks, k_mask, C_in, slope_in,
-                              PRO, ACT_IN, 1, ACC)
-            b = tl.load(w_tap + (ks * w_red)[:, None] + (cols * w_out)[None, :],
-                        mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+        k_mask = ks < C_in
+        mask = valid[:, None] & k_mask[None, :]
+        offs = (n * s_n + ih * s_h + iw * s_w)[:, None] + (ks * s_c)[None, :]
+        a = _load_operand(src_ptr + offs, q_ptr + offs, mask, pro_coef_ptr, ks, k_mask, C_in, slope_in,
+                          PRO, ACT_IN, 1, ACC)
+        b = tl.load(w_ptr + kh * w_kh + kw * w_kw + (ks * w_red)[:, None] + (cols * w_out)[None, :],
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
 
     if UP:
         oh = S * i + ph
@@ -318,7 +320,7 @@ _WGRAD_KEY = ["C_lo", "C_hi", "K", "k_per_split", "S", "PRO_LO", "PRO_HI", "PREC
 if INTERPRETED:
     # The interpreter runs programs one at a time in numpy: fixed, small tiles, no autotuning.
     _conv, _CONV_FIXED = _conv_kernel, dict(BLOCK_N=16, BLOCK_K=16)
-    _wgrad, _WGRAD_FIXED = _wgrad_kernel, dict(BLOCK_K=32)
+    _wgrad, _WGRAD_FIXED = _wgrad_kernel, dict(BLOCK_K=1024)
 else:
     _conv = triton.autotune(_CONV_CONFIGS, key=_CONV_KEY,
                             prune_configs_by={"early_config_prune": _prune_conv})(_conv_kernel)
@@ -329,7 +331,7 @@ else:
 def _block_m(rows):
     """Output pixels per conv tile (fixed by the host: the statistics partials are laid out by it)."""
     if INTERPRETED:
-        return 32
+        return min(1024, max(16, triton.next_power_of_2(rows)))  # few, large programs: the interpreter pays per op
     return 128 if rows >= 8192 else 64
 
 
@@ -386,7 +388,7 @@ class Geometry(NamedTuple):
         return Geometry(not self.up, self.stride, self.padding)
 
 
-def acc_dtype(dtype):
+def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -395,7 +397,8 @@ def _tl_acc(dtype):
 
 
 def _precision(dtype, allow_tf32):
-    return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
+    # Only fp32 operands read this: "ieee" is exact fp32, "tf32" (tl.dot's default) uses TF32 tensor cores.
+    return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
 
 
 def _check_int32(*tensors):
@@ -423,7 +426,7 @@ def conv(src, weight, geometry, out, epilogue=EPI_STORE, below=None, allow_tf32=
     block_m = _block_m(rows)
     n_parts = classes * triton.cdiv(rows, block_m)
     normalize = epilogue == EPI_STATS or (epilogue == EPI_GRAD and below[1] is not None)
-    parts = outputs.empty((2, n_parts, C_out), device=x.device, dtype=acc_dtype(x.dtype)) if normalize else out
+    parts = outputs.empty((2, n_parts, C_out), device=x.device, dtype=_acc_dtype(x.dtype)) if normalize else out
     z, stats, coef, act, slope = below if epilogue == EPI_GRAD else (out, None, None, 0, 0.0)
     # DOWN reads the weight as [out, red, kh, kw] (Conv2d's layout), UP as [red, out, kh, kw] (ConvTranspose2d's).
     w_red, w_out = (weight.stride(0), weight.stride(1)) if geometry.up else (weight.stride(1), weight.stride(0))
@@ -454,7 +457,7 @@ def wgrad(lo, hi, geometry, allow_tf32=True):
     splits = max(1, min(triton.cdiv(K, 256), triton.cdiv(2 * _sm_count(l.device), tiles)))
     k_per_split = triton.cdiv(triton.cdiv(K, splits), 256) * 256
     splits = triton.cdiv(K, k_per_split)
-    dw = outputs.empty((splits, C_lo, C_hi, 16), device=l.device, dtype=acc_dtype(l.dtype))
+    dw = outputs.empty((splits, C_lo, C_hi, 16), device=l.device, dtype=_acc_dtype(l.dtype))
     _wgrad[(triton.cdiv(C_lo, block_m), triton.cdiv(C_hi, block_n), 16 * splits)](
         *lo.args(), *hi.args(), dw, C_lo, H_lo, W_lo, C_hi, H_hi, W_hi, K, k_per_split,
         *l.stride(), *h.stride(), *dw.stride()[:3], lo.slope, hi.slope,
@@ -465,14 +468,17 @@ def wgrad(lo, hi, geometry, allow_tf32=True):
     return dw.view(C_lo, C_hi, 4, 4)
 
 
-def finalize_stats(partials, weight, bias, running_mean, running_var, momentum, eps):
+def finalize_stats(partials, weight, bias, running_mean, running_var, momentum, eps, out=None):
     """Batch statistics from STATS partials.  Returns stats (2, C) = (mean, invstd) and the forward prologue
-    map coef (3, C) = (gamma*invstd, 0, beta - mean*gamma*invstd), in the partials' dtype.  Updates
-    running_mean/var in place (unbiased variance) when given."""
+    map coef (3, C) = (gamma*invstd, 0, beta - mean*gamma*invstd), in the partials' dtype, written into
+    ``out`` = (stats, coef) (contiguous) when given.  Updates running_mean/var in place (unbiased variance)
+    when given."""
     parts = partials.parts
     C = parts.shape[2]
-    stats = outputs.empty((2, C), device=parts.device, dtype=parts.dtype)
-    coef = outputs.empty((3, C), device=parts.device, dtype=parts.dtype)
+    if out is None:
+        out = outputs.empty((2, C), device=parts.device, dtype=parts.dtype), \
+            outputs.empty((3, C), device=parts.device, dtype=parts.dtype)
+    stats, coef = out
     affine, update = weight is not None, running_mean is not None
     _finalize_stats_kernel[(triton.cdiv(C, 32),)](
         parts, stats, coef, weight if affine else stats, bias if affine else stats,

@@ -1,0 +1,237 @@
+"""python -m fastgan train | sample | interpolate end to end on CPU, the datasets, and bad input."""
+import gzip
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastgan import cli, data, presets, reference, train
+
+TINY = ["--batchSize", "4", "--ngf", "4", "--ndf", "4", "--builtin-images", "16", "--manualSeed", "1",
+        "--device", "cpu"]
+
+
+def _train(out, *extra):
+    return cli.main(["train", "--outf", str(out), *TINY, *extra])
+
+
+def _error(argv):
+    """The one-line message a bad command exits with."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    message = info.value.code
+    assert isinstance(message, str) and "\n" not in message, message
+    assert message.startswith(f"fastgan {argv[0]}: error: "), message
+    return message
+
+
+def _png(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_train_writes_samples_and_reference_checkpoints(tmp_path, capsys):
+    assert _train(tmp_path, "--max-steps", "3") == 0
+    assert "done: 3 steps" in capsys.readouterr().out
+    G, D = reference.Generator(ngf=4), reference.Discriminator(ndf=4)  # examples/dcgan's models
+    G.load_state_dict(torch.load(tmp_path / "netG_epoch_0.pth"))
+    D.load_state_dict(torch.load(tmp_path / "netD_epoch_0.pth"))
+    assert _png(tmp_path / "fake_samples_epoch_000.png").shape == (8 * 66 + 2, 8 * 66 + 2, 3)
+    assert _png(tmp_path / "real_samples.png").shape == (68, 4 * 66 + 2, 3)
+    curve = _png(tmp_path / "loss_curve.png")
+    assert (curve != 255).any(axis=2).mean() > 0.01  # axes and lines drawn
+    state = torch.load(tmp_path / "train_state_epoch_0.pt")
+    assert state["step"] == 3 and [row[0] for row in state["history"]] == [0, 1, 2]
+
+
+@pytest.mark.gpu
+def test_train_on_gpu_uses_the_kernels(tmp_path, capsys):
+    assert cli.main(["train", "--outf", str(tmp_path), "--max-steps", "3", "--amp", "bf16", "--channels-last",
+                     "--builtin-images", "256", "--device", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "backend triton" in out and "ngf 64, ndf 64" in out and "batch 64" in out and "done: 3 steps" in out
+    reference.Generator().load_state_dict(torch.load(tmp_path / "netG_epoch_0.pth"))
+
+
+def test_resume_continues_the_run_exactly(tmp_path):
+    """3 steps, then a resume to 6 (across the epoch boundary at 4) equals 6 steps in one go."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    _train(whole, "--max-steps", "6")
+    _train(parts, "--max-steps", "3")
+    assert _train(parts, "--max-steps", "6", "--netG", str(parts / "netG_epoch_0.pth"),
+                  "--netD", str(parts / "netD_epoch_0.pth")) == 0
+    for name in ("netG_epoch_1.pth", "netD_epoch_1.pth"):
+        a, b = torch.load(whole / name), torch.load(parts / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=f"{name} {key}")
+    a, b = torch.load(whole / "train_state_epoch_1.pt"), torch.load(parts / "train_state_epoch_1.pt")
+    assert b["step"] == a["step"] == 6
+    np.testing.assert_allclose(b["history"], a["history"], rtol=1e-5)
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
+    step = train.Trainer.step
+    calls = []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step(self, *args)
+
+    monkeypatch.setattr(train.Trainer, "step", interrupted)
+    with pytest.raises(SystemExit) as info:
+        _train(tmp_path, "--max-steps", "10")
+    assert info.value.code == 130
+    state = torch.load(tmp_path / "train_state_epoch_0.pt")
+    assert state["step"] == 2 and state["batch"] == 2
+    reference.Generator(ngf=4).load_state_dict(torch.load(tmp_path / "netG_epoch_0.pth"))
+
+
+@pytest.mark.parametrize("preset,extra", [
+    ("dcgan64", ["--loss", "hinge", "--amp", "bf16", "--channels-last"]),
+    ("avatar48", []),  # 1 D step : 2 G steps, uniform z
+    ("mnist28", []),  # lsgan, weight decay
+    ("mlp-mnist", []),  # bce with label smoothing 0.1
+    ("anime64", ["--loss", "wgan-gp", "--d-steps", "2"]),
+])
+def test_each_preset_trains(tmp_path, preset, extra, capsys):
+    assert _train(tmp_path, "--preset", preset, "--max-steps", "2", *extra) == 0
+    out = capsys.readouterr().out
+    assert f"preset {preset}" in out and "done: 2 steps" in out
+    G, D, recipe = presets.build(preset, ngf=4, ndf=4, nc=None)
+    G.load_state_dict(torch.load(tmp_path / "netG_epoch_0.pth"))
+    D.load_state_dict(torch.load(tmp_path / "netD_epoch_0.pth"))
+    history = torch.load(tmp_path / "train_state_epoch_0.pt")["history"]
+    assert len(history) == 2 and all(np.isfinite(row[1]) for row in history)
+    g_rounds = sum(np.isfinite(row[2]) for row in history)
+    assert g_rounds == (1 if "--d-steps" in extra else 2)
+    side = 8 * (recipe.image_size + 2) + 2
+    assert _png(tmp_path / "fake_samples_epoch_000.png").shape == (side, side, 3)
+
+
+def test_sample_and_interpolate(tmp_path, capsys):
+    _train(tmp_path, "--preset", "avatar48", "--max-steps", "1")
+    ckpt = str(tmp_path / "netG_epoch_0.pth")
+    assert cli.main(["sample", "--netG", ckpt, "--n", "10", "--nrow", "5", "--out", str(tmp_path / "s.png")]) == 0
+    assert _png(tmp_path / "s.png").shape == (2 * 50 + 2, 5 * 50 + 2, 3)
+    # --eval: every frame depends on its latent only, so the walk's ends are the seeds' own samples
+    walk = tmp_path / "walk.png"
+    assert cli.main(["interpolate", "--netG", ckpt, "--seeds", "3", "7", "--steps", "5", "--eval",
+                     "--out", str(walk)]) == 0
+    frames = _png(walk)
+    assert frames.shape == (52, 5 * 50 + 2, 3)
+    for seed, column in ((3, 0), (7, 4)):
+        one = tmp_path / f"seed{seed}.png"
+        cli.main(["sample", "--netG", ckpt, "--n", "1", "--seed", str(seed), "--eval", "--out", str(one)])
+        assert np.array_equal(frames[:, column * 50:column * 50 + 52], _png(one))
+    assert "5 frames from seed 3 to seed 7" in capsys.readouterr().out
+
+
+def test_sample_reference_dataparallel_checkpoint(tmp_path):
+    """An examples/dcgan generator saved from nn.DataParallel: keys prefixed ``module.``, z (N, nz, 1, 1)."""
+    torch.manual_seed(0)
+    G = reference.Generator(nz=12, ngf=4)
+    torch.save({f"module.{k}": v for k, v in G.state_dict().items()}, tmp_path / "netG.pth")
+    out = tmp_path / "grid.png"
+    assert cli.main(["sample", "--netG", str(tmp_path / "netG.pth"), "--n", "6", "--seed", "4",
+                     "--out", str(out)]) == 0
+    z = torch.randn(6, 12, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = tmp_path / "expected.png"
+        from fastgan.sample import save_grid
+
+        save_grid(G(z[:, :, None, None]), str(expected))
+    assert np.abs(_png(out).astype(int) - _png(expected).astype(int)).max() <= 1  # rounding at .5 only
+
+
+def test_folder_dataset_skips_unreadable_files(tmp_path, capsys):
+    root = tmp_path / "images" / "sub"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (root / "notes.txt").write_text("not an image")
+    assert _train(tmp_path / "out", "--dataset", "folder", "--dataroot", str(tmp_path / "images"),
+                  "--batchSize", "2", "--max-steps", "3", "--workers", "0") == 0
+    assert "skipped 1 unreadable file(s), e.g. " in capsys.readouterr().out
+
+
+def test_folder_scales_and_centre_crops(tmp_path):
+    """A 2:1 image, left half red and right half blue, becomes a square of its middle: half red, half blue."""
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :20, 0] = 255
+    pixels[:, 20:, 2] = 255
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    image, index = data.Folder(str(tmp_path), 8)[0]
+    assert index == 0 and image.shape == (3, 8, 8) and image.min() >= -1 and image.max() <= 1
+    assert torch.equal(image[:, :, :3], torch.tensor([1.0, -1, -1])[:, None, None].expand(3, 8, 3))
+    assert torch.equal(image[:, :, 5:], torch.tensor([-1.0, -1, 1])[:, None, None].expand(3, 8, 3))
+    grey, _ = data.Folder(str(tmp_path), 8, nc=1)[0]
+    assert grey.shape == (1, 8, 8)
+
+
+def _idx_bytes(images):
+    return b"\0\0\x08\x03" + np.array(images.shape, dtype=">u4").tobytes() + images.tobytes()
+
+
+@pytest.mark.parametrize("layout", ["idx", "idx.gz", "npz"])
+def test_mnist_files(tmp_path, layout):
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    if layout == "idx":
+        (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx_bytes(images))
+    elif layout == "idx.gz":
+        (tmp_path / "raw").mkdir()
+        with gzip.open(tmp_path / "raw" / "train-images-idx3-ubyte.gz", "wb") as f:
+            f.write(_idx_bytes(images))
+    else:
+        np.savez(tmp_path / "mnist.npz", x_train=images, y_train=np.zeros(5))
+    dataset = data.make_dataset("mnist", str(tmp_path), 28, 1)
+    assert len(dataset) == 5
+    image, _ = dataset[3]
+    torch.testing.assert_close(image, torch.from_numpy(images[3]).float()[None] / 127.5 - 1)
+    assert dataset[2][0].shape == (1, 28, 28) and data.make_dataset("mnist", str(tmp_path), 64, 1)[2][0].shape == (
+        1, 64, 64)
+
+
+def test_builtin_is_deterministic_and_varied():
+    a, b = data.Builtin(32, seed=3), data.Builtin(32, length=9, seed=3, chunk=4)
+    assert torch.equal(a[5][0], b[5][0]) and torch.equal(a.images[:9], b.images)
+    assert not torch.equal(a[5][0], a[6][0]) and not torch.equal(a[5][0], data.Builtin(32, seed=4)[5][0])
+    image = a[5][0]
+    assert image.shape == (3, 32, 32) and image.min() >= -1 and image.max() <= 1 and image.std() > 0.1
+    assert data.Builtin(28, nc=1)[0][0].shape == (1, 28, 28)
+
+
+def test_bad_input_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert "does not exist" in _error(["train", "--dataset", "folder", "--dataroot", str(tmp_path / "nope")])
+    assert "holds no images" in _error(["train", "--dataset", "folder", "--dataroot", str(tmp_path / "empty")])
+    assert "no MNIST file found" in _error(["train", "--dataset", "mnist", "--dataroot", str(tmp_path / "empty")])
+    assert "needs --dataroot" in _error(["train", "--dataset", "folder"])
+    assert "--imageSize 32" in _error(["train", "--imageSize", "32", *TINY])
+    assert "--label-smoothing applies" in _error(["train", "--loss", "hinge", "--label-smoothing", "0.1", *TINY])
+    _train(tmp_path, "--max-steps", "1")
+    ckpt = str(tmp_path / "netG_epoch_0.pth")
+    wider = _error(["train", "--netG", ckpt, *TINY[:2], "--ngf", "8", *TINY[4:]])
+    assert "shape mismatch: main.0.weight: checkpoint (100, 32, 4, 4) vs model (100, 64, 4, 4)" in wider
+    other = _error(["train", "--preset", "mnist28", "--netG", ckpt, *TINY])
+    assert "missing keys: 0.weight" in other and "unexpected keys: main.0.weight" in other
+    assert "does not exist" in _error(["train", "--netD", str(tmp_path / "nope.pth"), *TINY])
+    assert "fit no preset generator" in _error(["sample", "--netG", str(tmp_path / "netD_epoch_0.pth")])
+    (tmp_path / "junk.pth").write_text("junk")
+    assert "not a readable checkpoint" in _error(["sample", "--netG", str(tmp_path / "junk.pth")])
+
+
+def test_bad_input_exit_status_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastgan", "--dataset", "folder", "--dataroot",
+                           str(tmp_path / "nope")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"fastgan train: error: --dataroot {tmp_path / 'nope'} does not exist"]
