@@ -17,9 +17,10 @@ from .backends import BACKENDS, BackendUnavailable, use_backend  # noqa: E402
 from .checkpoint import load_checkpoint, strip_module_prefix  # noqa: E402
 from .layers import FusedSequential, fuse  # noqa: E402
 from .models import DCGAN, Discriminator, Generator, StepResult  # noqa: E402
+from . import fused_conv, presets  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "BackendUnavailable", "DCGAN", "Discriminator", "FusedSequential", "Generator",
-           "StepResult", "functional", "fuse", "load_checkpoint", "losses", "reference", "strip_module_prefix",
-           "use_backend"]
+           "StepResult", "functional", "fuse", "fused_conv", "load_checkpoint", "losses", "presets", "reference",
+           "strip_module_prefix", "use_backend"]
