@@ -122,6 +122,17 @@ def _moments_kernel(z_ptr, mean_part_ptr, m2_part_ptr, N, L, C, s_n, s_l, s_c, n
 
 
 @triton.jit
+def update_running_stats(running_mean_ptr, running_var_ptr, cols, col_mask, mean, var, count, momentum):
+    """running = (1 - momentum)*running + momentum*batch, with the unbiased variance, as nn.BatchNorm does."""
+    running_mean = tl.load(running_mean_ptr + cols, mask=col_mask, other=0.0).to(mean.dtype)
+    running_var = tl.load(running_var_ptr + cols, mask=col_mask, other=0.0).to(mean.dtype)
+    running_mean = (1.0 - momentum) * running_mean + momentum * mean
+    running_var = (1.0 - momentum) * running_var + momentum * var * (count / (count - 1.0))
+    tl.store(running_mean_ptr + cols, running_mean.to(running_mean_ptr.dtype.element_ty), mask=col_mask)
+    tl.store(running_var_ptr + cols, running_var.to(running_var_ptr.dtype.element_ty), mask=col_mask)
+
+
+@triton.jit
 def _finalize_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr,
                      N, L, C, n_per_split, n_splits, momentum, eps,
                      UPDATE_RUNNING: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -141,12 +152,7 @@ def _finalize_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, invstd_ptr, running_m
     tl.store(mean_ptr + cols, mean, mask=col_mask)
     tl.store(invstd_ptr + cols, 1.0 / tl.sqrt(var + eps), mask=col_mask)
     if UPDATE_RUNNING:
-        running_mean = tl.load(running_mean_ptr + cols, mask=col_mask, other=0.0).to(mean.dtype)
-        running_var = tl.load(running_var_ptr + cols, mask=col_mask, other=0.0).to(mean.dtype)
-        running_mean = (1.0 - momentum) * running_mean + momentum * mean
-        running_var = (1.0 - momentum) * running_var + momentum * var * (M / (M - 1.0))
-        tl.store(running_mean_ptr + cols, running_mean.to(running_mean_ptr.dtype.element_ty), mask=col_mask)
-        tl.store(running_var_ptr + cols, running_var.to(running_var_ptr.dtype.element_ty), mask=col_mask)
+        update_running_stats(running_mean_ptr, running_var_ptr, cols, col_mask, mean, var, M, momentum)
 
 
 @triton.jit

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from . import outputs
-from .bn_act import _activate, _activation_grad
+from .bn_act import _activate, _activation_grad, update_running_stats
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -257,12 +257,7 @@ def _finalize_stats_kernel(part_ptr, stats_ptr, coef_ptr, gamma_ptr, beta_ptr, r
     tl.store(coef_ptr + C + cols, tl.zeros_like(scale), mask=col_mask)
     tl.store(coef_ptr + 2 * C + cols, shift, mask=col_mask)
     if UPDATE_RUNNING:
-        running_mean = tl.load(running_mean_ptr + cols, mask=col_mask, other=0.0).to(mean.dtype)
-        running_var = tl.load(running_var_ptr + cols, mask=col_mask, other=0.0).to(mean.dtype)
-        running_mean = (1.0 - momentum) * running_mean + momentum * mean
-        running_var = (1.0 - momentum) * running_var + momentum * var * (count / (count - 1.0))
-        tl.store(running_mean_ptr + cols, running_mean.to(running_mean_ptr.dtype.element_ty), mask=col_mask)
-        tl.store(running_var_ptr + cols, running_var.to(running_var_ptr.dtype.element_ty), mask=col_mask)
+        update_running_stats(running_mean_ptr, running_var_ptr, cols, col_mask, mean, var, count, momentum)
 
 
 @triton.jit

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgan.functional import batch_norm_act
-from conftest import HAS_CUDA, assert_close, needs_triton_here
+from parity import HAS_CUDA, assert_close, needs_triton_here
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 ACTS = [("relu", 0.0), ("leaky_relu", 0.2), ("tanh", 0.0), ("none", 0.0)]

@@ -8,7 +8,7 @@ from torch import nn
 import fastgan
 from fastgan import fused_conv, reference
 from fastgan.layers import FusedSequential
-from conftest import HAS_CUDA, assert_close, needs_triton_here
+from parity import HAS_CUDA, assert_close, needs_triton_here
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 pytestmark = pytest.mark.interpreter

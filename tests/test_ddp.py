@@ -12,7 +12,7 @@ from fastgan import distributed, presets, reference
 from fastgan.functional import batch_norm_act
 from fastgan.layers import fuse
 from fastgan.train import Settings, Trainer
-from conftest import HAS_TRITON, INTERPRETER, assert_close
+from parity import HAS_TRITON, INTERPRETER, assert_close
 
 WORLD = 2
 # (backend, sizes, global batch): the torch backend at a modest size, Triton (interpreted) tiny.

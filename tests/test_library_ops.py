@@ -4,7 +4,7 @@ import torch
 
 import fastgan
 from fastgan import ops
-from conftest import HAS_CUDA, needs_triton_here
+from parity import HAS_CUDA, needs_triton_here
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
@@ -37,12 +37,19 @@ def test_opcheck(device):
 
 
 @pytest.mark.interpreter
-def test_torch_compile_traces_the_fused_model():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_torch_compile_traces_the_fused_model(backend):
     """fullgraph: the fused ops must trace without a graph break (fake kernels, autograd, mutation)."""
-    needs_triton_here("cpu")
+    if backend == "triton":
+        needs_triton_here("cpu")
+    else:
+        try:  # test_cuda_ext.py checks that the extension builds; here it only has to trace
+            fastgan.backends.resolve("cuda", torch.device("cpu"))
+        except fastgan.BackendUnavailable as exc:
+            pytest.skip(str(exc))
     torch.manual_seed(0)
-    gan = fastgan.DCGAN(ngf=4, ndf=4, backend="triton")
-    reference = fastgan.DCGAN(ngf=4, ndf=4, backend="triton")
+    gan = fastgan.DCGAN(ngf=4, ndf=4, backend=backend)
+    reference = fastgan.DCGAN(ngf=4, ndf=4, backend=backend)
     reference.load_state_dict(gan.state_dict())
     real, noise = torch.tanh(torch.randn(2, 3, 64, 64)), torch.randn(2, 100, 1, 1)
 

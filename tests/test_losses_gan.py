@@ -8,7 +8,7 @@ import torch
 from fastgan import losses, presets, reference
 from fastgan.layers import fuse
 from fastgan.train import Settings, Trainer
-from conftest import assert_close, needs_triton_here
+from parity import assert_close, needs_triton_here
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import fastgan
 from fastgan import reference
-from conftest import TOLERANCES, assert_close, needs_triton_here, rel_l2
+from parity import TOLERANCES, assert_close, needs_triton_here, rel_l2
 
 # (backend, device, ngf=ndf, batch, dtype): the torch backend at the real size; triton under the
 # interpreter at a tiny size on CPU, at full size on a GPU.

@@ -10,7 +10,7 @@ from torch import nn
 from fastgan import presets, reference
 from fastgan.checkpoint import strip_module_prefix
 from fastgan.layers import FusedSequential, fuse
-from conftest import assert_close, needs_triton_here
+from parity import assert_close, needs_triton_here
 
 BATCH = 4
 TINY = dict(nz=6, ngf=2, ndf=2)

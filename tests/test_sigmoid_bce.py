@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from fastgan import losses
 from fastgan.functional import sigmoid_bce
-from conftest import HAS_CUDA, assert_close, needs_triton_here
+from parity import HAS_CUDA, assert_close, needs_triton_here
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 

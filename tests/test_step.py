@@ -7,7 +7,7 @@ import torch
 import fastgan
 from fastgan import fused_conv, reference
 from fastgan.step import CapturedStep
-from conftest import assert_close
+from parity import assert_close
 
 
 def _pair(device, size=4, backend="torch", level="L1", capturable=False):

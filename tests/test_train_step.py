@@ -4,7 +4,7 @@ import torch
 
 import fastgan
 from fastgan import reference
-from conftest import needs_triton_here, rel_l2
+from parity import needs_triton_here, rel_l2
 
 
 def _run(backend, device, steps, size, batch, seed=0, dtype=torch.float32):

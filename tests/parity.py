@@ -1,0 +1,43 @@
+"""Test helpers: what runs here, the tolerances of DESIGN.md section 5, and the comparisons."""
+import pytest
+import torch
+
+from fastgan import backends
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = backends.triton_import_error() is None
+INTERPRETER = backends.interpreter_enabled()
+
+# DESIGN.md section 5.  rel_l2: ||a-b|| / ||b||.
+TOLERANCES = {
+    "fp32": dict(atol=1e-4, rtol=1e-4, rel_l2=1e-3),  # exact fp32 (TF32 off)
+    "tf32": dict(atol=None, rtol=None, rel_l2=3e-3),
+    "fp16": dict(atol=None, rtol=None, rel_l2=2e-2),
+    "bf16": dict(atol=None, rtol=None, rel_l2=2e-2),
+}
+
+
+def rel_l2(actual, expected):
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def assert_close(actual, expected, mode="fp32", what="output", grad=False):
+    """Compare with the tolerances of DESIGN.md section 5; NaN never passes."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert not torch.isnan(actual).any(), f"{what}: NaN in the result"
+    tol = TOLERANCES[mode]
+    if tol["atol"] is not None and not grad:
+        torch.testing.assert_close(actual.double(), expected.double(), atol=tol["atol"], rtol=tol["rtol"],
+                                   msg=lambda m: f"{what}: {m}")
+    else:
+        err = rel_l2(actual, expected)
+        assert err <= tol["rel_l2"], f"{what}: rel-L2 error {err:.2e} > {tol['rel_l2']:.0e}"
+
+
+def needs_triton_here(device):
+    """Skip (with the reason) when triton cannot run on ``device`` in this process."""
+    if not HAS_TRITON:
+        pytest.skip("triton does not import")
+    if device == "cpu" and not INTERPRETER:
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest only on CPU-only machines)")
