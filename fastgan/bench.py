@@ -3,7 +3,9 @@
 The peers run in this one process, one after another (DESIGN.md section 6): "eager", the
 reference models of fastgan.reference in eager PyTorch; "compile" and "compile-max-autotune",
 torch.compile of the reference G and D in the default and max-autotune modes; and
-"fastgan-<backend>", fastgan.DCGAN with the torch, triton or cuda backend. With --dtype bf16
+"fastgan-<backend>", fastgan.DCGAN with the torch, triton or cuda backend; and on a GPU the
+fusion plan's step-level peers: "fastgan-triton-graph" (the step as one CUDA graph),
+"fastgan-triton-L2" (the fused Triton convolutions) and "fastgan-triton-L3" (both). With --dtype bf16
 every peer runs channels_last under bf16 autocast (the reference's nn.BCELoss takes fp32
 probabilities, as autocast requires). On CUDA every peer uses torch's fused Adam. The first
 step (compilation, cuDNN autotuning) is reported apart; after the warm-up steps, each timed step
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import backends, flops, reference
+from . import backends, flops, fused_conv, reference
 from .layers import FusedStep, plan
 from .models import DCGAN
 
@@ -59,6 +61,8 @@ class Peer(NamedTuple):
     name: str
     compile_mode: Optional[str] = None  # torch.compile mode of the reference
     backend: Optional[str] = None  # fastgan backend; None for the reference models
+    level: str = "L1"  # fastgan fusion level: "L2" runs the Triton convolutions of fastgan.fused_conv
+    cuda_graph: bool = False  # fastgan's train step captured in one CUDA graph (fastgan.step)
 
     def __str__(self):
         return self.name
@@ -71,18 +75,31 @@ def compile_peer(mode):
     return Peer("compile" if mode == "default" else f"compile-{mode}", compile_mode=mode)
 
 
-def fastgan_peer(backend):
-    return Peer(f"fastgan-{backend}", backend=backend)
+def fastgan_peer(backend, level="L1", cuda_graph=False):
+    """fastgan-<backend>; -graph for the CUDA-graph step, and -L2 / -L3 (L2 + graph) for the fused convolutions."""
+    suffix = {("L1", False): "", ("L1", True): "-graph", ("L2", False): "-L2", ("L2", True): "-L3"}[level, cuda_graph]
+    return Peer(f"fastgan-{backend}{suffix}", backend=backend, level=level, cuda_graph=cuda_graph)
+
+
+def fusion_peers(fastgan_backends=FASTGAN_BACKENDS):
+    """The step-level peers of the fusion plan (DESIGN.md section 4), on the triton backend."""
+    if "triton" not in fastgan_backends:
+        return []
+    return [fastgan_peer("triton", cuda_graph=True), fastgan_peer("triton", "L2"),
+            fastgan_peer("triton", "L2", cuda_graph=True)]
 
 
 def train_step_peers(fastgan_backends=FASTGAN_BACKENDS, compile_modes=COMPILE_MODES):
-    return [EAGER, *map(compile_peer, compile_modes), *map(fastgan_peer, fastgan_backends)]
+    return [EAGER, *map(compile_peer, compile_modes), *map(fastgan_peer, fastgan_backends),
+            *fusion_peers(fastgan_backends)]
 
 
 def problem(peer, config, device):
     """Why ``peer`` cannot run ``config`` on ``device``, or None when it can."""
     if peer.compile_mode == "max-autotune" and device.type != "cuda":
         return "mode='max-autotune' tunes GPU kernels: needs CUDA"
+    if (peer.cuda_graph or peer.level != "L1") and device.type != "cuda":
+        return "CUDA graphs and the L2 convolutions are GPU paths (their correctness is tested on CPU in tests/)"
     if peer.backend is not None:
         try:
             backends.resolve(peer.backend, device)
@@ -154,12 +171,15 @@ def make_train_step(peer, config, device, seed=0):
     real, noise = sample_batch(config, device)
     if peer.backend is not None:
         gan = fastgan_model(peer.backend, config, device, seed)
-        opt_g, opt_d = reference.make_optimizers(gan.generator, gan.discriminator, **optimizer_kwargs(device))
+        fused_conv.set_level(gan, peer.level)
+        capturable = {"capturable": True} if peer.cuda_graph else {}
+        opt_g, opt_d = reference.make_optimizers(gan.generator, gan.discriminator, **optimizer_kwargs(device),
+                                                 **capturable)
         amp = config.autocast_dtype
 
         def fastgan_step():
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                return gan.train_step(real, opt_g, opt_d, noise=noise)
+                return gan.train_step(real, opt_g, opt_d, noise=noise, cuda_graph=peer.cuda_graph)
 
         return fastgan_step
     g, d = reference_networks(config, device, seed)
