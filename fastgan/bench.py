@@ -268,10 +268,8 @@ def matmul_tflops(device, dtype, size=None, reps=10):
 
 
 def progress_bar(total, desc):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
+    from tqdm import tqdm
+
     return tqdm(total=total, desc=desc, unit="step", disable=None, leave=False)
 
 
@@ -478,10 +476,9 @@ def run(args):
 
     bar = progress_bar(len(peers) * (1 + args.warmup + args.steps), "bench")
     results, failed = [], []
-    log = print if bar is None else bar.write
+    log = bar.write
     for peer in peers:
-        if bar is not None:
-            bar.set_postfix_str(peer.name)
+        bar.set_postfix_str(peer.name)
         try:
             m = measure(peer, config, device, args.steps, args.warmup, bar)
             results.append(m)
@@ -490,8 +487,7 @@ def run(args):
             failed.append((peer, error_line(exc)))
             log(f"{peer}: FAILED {failed[-1][1]}")
         release(device)
-    if bar is not None:
-        bar.close()
+    bar.close()
 
     medians = {m.peer.name: m.median for m in results}
     headers = ["implementation", "ms/step", "IQR ms", "vs eager", "vs compile", "peak MiB", "TFLOP/s", "% floor",
