@@ -35,6 +35,16 @@ def assert_close(actual, expected, mode="fp32", what="output", grad=False):
         assert err <= tol["rel_l2"], f"{what}: rel-L2 error {err:.2e} > {tol['rel_l2']:.0e}"
 
 
+def needs_backend_here(backend, device):
+    """Skip (with the reason) when ``backend`` cannot run on ``device`` here (test_cuda_ext.py checks the build)."""
+    if backend == "triton":
+        return needs_triton_here(device)
+    try:
+        backends.resolve(backend, torch.device(device))
+    except backends.BackendUnavailable as exc:
+        pytest.skip(str(exc))
+
+
 def needs_triton_here(device):
     """Skip (with the reason) when triton cannot run on ``device`` in this process."""
     if not HAS_TRITON:

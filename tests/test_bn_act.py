@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgan.functional import batch_norm_act
-from parity import HAS_CUDA, assert_close, needs_triton_here
+from parity import HAS_CUDA, assert_close, needs_backend_here, needs_triton_here
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 ACTS = [("relu", 0.0), ("leaky_relu", 0.2), ("tanh", 0.0), ("none", 0.0)]
@@ -160,13 +160,14 @@ def test_torch_backend_gradcheck_fp64():
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("device", DEVICES)
-def test_nan_propagates(device):
-    needs_triton_here(device)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_nan_propagates(device, backend):
+    needs_backend_here(backend, device)
     z = torch.randn(2, 3, 4, 4, device=device)
     z[0, 1, 2, 2] = float("nan")
     for act in ("relu", "leaky_relu", "tanh"):
-        fused = batch_norm_act(z, normalize=False, act=act, backend="triton")
+        fused = batch_norm_act(z, normalize=False, act=act, backend=backend)
         ref = batch_norm_act(z, normalize=False, act=act, backend="torch")
         assert torch.equal(torch.isnan(fused), torch.isnan(ref))
-    fused = batch_norm_act(z, act="relu", backend="triton")
+    fused = batch_norm_act(z, act="relu", backend=backend)
     assert torch.isnan(fused[:, 1]).all() and not torch.isnan(fused[:, [0, 2]]).any()

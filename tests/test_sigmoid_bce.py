@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from fastgan import losses
 from fastgan.functional import sigmoid_bce
-from parity import HAS_CUDA, assert_close, needs_triton_here
+from parity import HAS_CUDA, assert_close, needs_backend_here, needs_triton_here
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
@@ -23,12 +23,13 @@ def _reference(logits, target):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("n", [1, 7, 1500])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("n", [1, 7, 5000])
 @pytest.mark.parametrize("target", [1.0, 0.0, 0.9])
-def test_matches_reference(device, n, target):
-    needs_triton_here(device)
+def test_matches_reference(device, backend, n, target):
+    needs_backend_here(backend, device)
     logits = torch.randn(n, device=device) * 4
-    loss, grad = _loss_and_grad(lambda l: sigmoid_bce(l, target, backend="triton"), logits)
+    loss, grad = _loss_and_grad(lambda l: sigmoid_bce(l, target, backend=backend), logits)
     ref_loss, ref_grad = _loss_and_grad(lambda l: _reference(l, target), logits)
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert_close(loss, ref_loss.float(), what="loss")
