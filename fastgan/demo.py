@@ -2,7 +2,6 @@
 
 Prints the losses side by side, how far apart they are, and the time per step.
 """
-import copy
 import time
 
 import torch
