@@ -9,8 +9,10 @@ import torch
 import fastgan
 from fastgan import backends
 from fastgan.functional import batch_norm_act
+from parity import HAS_CUDA, needs_triton_here
 
 CPU = torch.device("cpu")
+TRITON_DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")  # CPU only under the interpreter (conftest)
 
 
 def test_auto_is_torch_on_cpu(monkeypatch):
@@ -21,8 +23,8 @@ def test_auto_is_torch_on_cpu(monkeypatch):
 
 def test_environment_variable_overrides_auto(monkeypatch):
     monkeypatch.setenv("FASTGAN_BACKEND", "triton")
-    assert backends.resolve("auto", CPU) == "triton"  # conftest runs the interpreter on CPU-only machines
-    assert backends.resolve("torch", CPU) == "torch"  # an explicit choice wins over the environment
+    assert backends.resolve("auto", TRITON_DEVICE) == "triton"
+    assert backends.resolve("torch", TRITON_DEVICE) == "torch"  # an explicit choice wins over the environment
     monkeypatch.setenv("FASTGAN_BACKEND", "bogus")
     with pytest.raises(ValueError, match="backend must be one of"):
         backends.resolve("auto", CPU)
@@ -31,11 +33,11 @@ def test_environment_variable_overrides_auto(monkeypatch):
 def test_context_manager_overrides_everything(monkeypatch):
     monkeypatch.setenv("FASTGAN_BACKEND", "triton")
     with fastgan.use_backend("torch"):
-        assert backends.resolve("triton", CPU) == "torch"
+        assert backends.resolve("triton", TRITON_DEVICE) == "torch"
         with fastgan.use_backend("triton"):
-            assert backends.resolve("torch", CPU) == "triton"
-        assert backends.resolve("auto", CPU) == "torch"
-    assert backends.resolve("auto", CPU) == "triton"
+            assert backends.resolve("torch", TRITON_DEVICE) == "triton"
+        assert backends.resolve("auto", TRITON_DEVICE) == "torch"
+    assert backends.resolve("auto", TRITON_DEVICE) == "triton"
 
 
 def test_explicit_cuda_backend_runs_or_names_the_fix():
@@ -60,6 +62,7 @@ def test_triton_on_cpu_without_the_interpreter_says_how_to_fix_it():
 
 
 def test_module_backend_is_used():
+    needs_triton_here("cpu")
     g = fastgan.Generator(ngf=4, backend="torch")
     assert g.main.backend == "torch"
     reference = fastgan.reference.Generator(ngf=4)
@@ -77,6 +80,7 @@ def test_importing_fastgan_does_not_import_triton():
 
 
 def test_batch_norm_act_accepts_backend_argument():
+    needs_triton_here("cpu")
     z = torch.randn(3, 4, 5, 5)
     torch.testing.assert_close(batch_norm_act(z, act="relu", backend="triton"),
                                batch_norm_act(z, act="relu", backend="torch"), atol=1e-5, rtol=1e-5)
