@@ -131,10 +131,11 @@ def test_gradient_layouts(device):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("act,slope", ACTS[:3])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("act,slope", ACTS)
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["train", "eval"])
-def test_gradcheck_fp64(device, act, slope, batch_stats):
-    needs_triton_here(device)
+def test_gradcheck_fp64(device, backend, act, slope, batch_stats):
+    needs_backend_here(backend, device)
     gen = torch.Generator().manual_seed(1)
     z = torch.randn(3, 2, 3, 2, generator=gen, dtype=torch.float64).to(device).requires_grad_()
     w = torch.randn(2, generator=gen, dtype=torch.float64).add(1).to(device).requires_grad_()
@@ -145,7 +146,7 @@ def test_gradcheck_fp64(device, act, slope, batch_stats):
     def fn(z, w, b):
         # batch statistics with no running stats to update, so that repeated calls are pure
         return batch_norm_act(z, w, b, None if batch_stats else rm, None if batch_stats else rv,
-                              batch_stats=batch_stats, act=act, slope=slope, backend="triton")
+                              batch_stats=batch_stats, act=act, slope=slope, backend=backend)
 
     assert torch.autograd.gradcheck(fn, (z, w, b))
 

@@ -239,24 +239,6 @@ def test_gradient_layouts(device):
         _compare_cuda(z, params, dy, "fp32", normalize=True, batch_stats=True, act="leaky_relu", slope=0.2)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("act,slope", ACTS)
-@pytest.mark.parametrize("batch_stats", [True, False], ids=["train", "eval"])
-def test_gradcheck_fp64(device, act, slope, batch_stats):
-    gen = torch.Generator().manual_seed(1)
-    z = torch.randn(3, 3, 4, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
-    w = torch.randn(3, generator=gen, dtype=torch.float64).add(1).to(device).requires_grad_()
-    b = torch.randn(3, generator=gen, dtype=torch.float64).to(device).requires_grad_()
-    rm = torch.randn(3, dtype=torch.float64, device=device)
-    rv = torch.rand(3, dtype=torch.float64, device=device) + 0.5
-
-    def fn(z, w, b):  # no running stats to update with batch statistics, so that repeated calls are pure
-        return batch_norm_act(z, w, b, None if batch_stats else rm, None if batch_stats else rv,
-                              batch_stats=batch_stats, act=act, slope=slope, backend="cuda")
-
-    assert torch.autograd.gradcheck(fn, (z, w, b))
-
-
 def test_double_backward_raises_a_clear_error():
     z = torch.randn(2, 3, 4, 4, requires_grad=True)
     y = batch_norm_act(z, act="relu", backend="cuda")
