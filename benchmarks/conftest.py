@@ -20,7 +20,7 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
-from fastgan import bench  # noqa: E402
+from fastgan.perf import bench  # noqa: E402
 
 WARMUP_CALLS = 5
 GPU_ONLY = "needs CUDA (without it the smoke size b2-g4-d4 runs instead)"

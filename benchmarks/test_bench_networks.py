@@ -1,7 +1,7 @@
 """Whole-network forward passes, G(z) and D(x), in training mode with autograd recording, per peer."""
 import pytest
 
-from fastgan import bench, flops
+from fastgan.perf import bench, flops
 
 pytestmark = pytest.mark.benchmark(timer=bench.device_timer, min_time=1e-3)
 

@@ -8,7 +8,9 @@ channels_last, while BN parameters and running stats stay fp32.
 import pytest
 import torch
 
-from fastgan import bench, functional, losses
+from fastgan.nn import losses
+from fastgan.ops import functional
+from fastgan.perf import bench
 
 pytestmark = pytest.mark.benchmark(timer=bench.device_timer, min_time=1e-3)
 

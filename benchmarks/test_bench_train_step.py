@@ -1,7 +1,7 @@
 """One examples/dcgan train step (D on real, D on G(z).detach(), D on G(z), both Adam updates) per peer."""
 import pytest
 
-from fastgan import bench, flops
+from fastgan.perf import bench, flops
 
 pytestmark = pytest.mark.benchmark(timer=bench.device_timer, min_time=1e-3)
 

@@ -38,6 +38,7 @@ import triton.language as tl
 
 from . import outputs
 from .bn_act import _activate, _activation_grad, update_running_stats
+from .geometry import Geometry
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -366,21 +367,6 @@ class Partials(NamedTuple):
     rows: int       # output pixels per sub-pixel class
     tile_rows: int  # output pixels per tile
     count: int      # output pixels in all, n of the statistics
-
-
-class Geometry(NamedTuple):
-    """A 4x4 convolution as fastgan runs it: DOWN (conv) or UP (transposed conv), stride S, padding P."""
-    up: bool
-    stride: int
-    padding: int
-
-    def out_size(self, h, w):
-        if self.up:
-            return (h - 1) * self.stride - 2 * self.padding + 4, (w - 1) * self.stride - 2 * self.padding + 4
-        return (h + 2 * self.padding - 4) // self.stride + 1, (w + 2 * self.padding - 4) // self.stride + 1
-
-    def transposed(self):
-        return Geometry(not self.up, self.stride, self.padding)
 
 
 def _acc_dtype(dtype):

@@ -28,8 +28,8 @@ def _poison(enabled):
     from fastgan.kernels import outputs
 
     outputs.POISON_OUTPUTS = enabled
-    if "fastgan.ext_ops" in sys.modules:  # once loaded, the extension reads the flag at import
-        sys.modules["fastgan.ext_ops"].poison_outputs(enabled)
+    if "fastgan.ops.ext_ops" in sys.modules:  # once loaded, the extension reads the flag at import
+        sys.modules["fastgan.ops.ext_ops"].poison_outputs(enabled)
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fastgan import backends
+from fastgan.ops import backends
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = backends.triton_import_error() is None

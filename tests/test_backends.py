@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import fastgan
-from fastgan import backends
-from fastgan.functional import batch_norm_act
+from fastgan.ops import backends
+from fastgan.ops.functional import batch_norm_act
 from parity import HAS_CUDA, needs_triton_here
 
 CPU = torch.device("cpu")
@@ -26,7 +26,7 @@ def test_environment_variable_overrides_auto(monkeypatch):
     assert backends.resolve("auto", TRITON_DEVICE) == "triton"
     assert backends.resolve("torch", TRITON_DEVICE) == "torch"  # an explicit choice wins over the environment
     monkeypatch.setenv("FASTGAN_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="the environment variable FASTGAN_BACKEND must be one of"):
         backends.resolve("auto", CPU)
 
 
@@ -50,7 +50,7 @@ def test_explicit_cuda_backend_runs_or_names_the_fix():
 
 def test_triton_on_cpu_without_the_interpreter_says_how_to_fix_it():
     code = ("import torch, fastgan\n"
-            "from fastgan.functional import batch_norm_act\n"
+            "from fastgan.ops.functional import batch_norm_act\n"
             "try:\n"
             "    batch_norm_act(torch.randn(2, 3, 4, 4), act='relu', backend='triton')\n"
             "except fastgan.BackendUnavailable as exc:\n"

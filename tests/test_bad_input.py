@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import fastgan
-from fastgan import losses
-from fastgan.functional import batch_norm_act
+from fastgan.nn import losses
+from fastgan.ops.functional import batch_norm_act
 from parity import needs_triton_here
 
 

@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from fastgan import bench, cli, profiling
+from fastgan import cli
+from fastgan.perf import bench, profiling
 
 TINY = ["--batch", "2", "--ngf", "4", "--ndf", "4", "--device", "cpu"]
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastgan.functional import batch_norm_act
+from fastgan.ops.functional import batch_norm_act
 from parity import HAS_CUDA, assert_close, needs_backend_here, needs_triton_here
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])

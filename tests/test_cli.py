@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fastgan import cli, data, presets, reference, train
+from fastgan import cli
+from fastgan.cli import data, train
+from fastgan.nn import presets, reference
 
 TINY = ["--batchSize", "4", "--ngf", "4", "--ndf", "4", "--builtin-images", "16", "--manualSeed", "1",
         "--device", "cpu"]
@@ -144,7 +146,7 @@ def test_sample_reference_dataparallel_checkpoint(tmp_path):
     z = torch.randn(6, 12, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = tmp_path / "expected.png"
-        from fastgan.sample import save_grid
+        from fastgan.cli.sample import save_grid
 
         save_grid(G(z[:, :, None, None]), str(expected))
     assert np.abs(_png(out).astype(int) - _png(expected).astype(int)).max() <= 1  # rounding at .5 only

@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastgan
-from fastgan import fused_conv, reference
-from fastgan.layers import FusedSequential
+from fastgan.nn import fused_conv, reference
+from fastgan.nn.layers import FusedSequential
+from fastgan.ops import conv_chain
 from parity import HAS_CUDA, assert_close, needs_triton_here
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
@@ -155,8 +156,8 @@ def _check_chain(make, shape, calls, device, dtype=torch.float32, mode="fp32", c
     x_fused = x.to(dtype).requires_grad_(input_grad)
     count = []
     if monkeypatch is not None:
-        original = fused_conv.conv_chain
-        monkeypatch.setattr(fused_conv, "conv_chain", lambda *args: count.append(1) or original(*args))
+        original = conv_chain.conv_chain
+        monkeypatch.setattr(conv_chain, "conv_chain", lambda *args: count.append(1) or original(*args))
     y = fused(x_fused)
     y_ref = ref(x_ref)
     if monkeypatch is not None:
@@ -307,16 +308,16 @@ def test_bad_level_and_dtype():
 def test_opcheck():
     needs_triton_here("cpu")
     torch.manual_seed(0)
-    links = [fused_conv.Link(True, 4, 0, True, True, True, 1, 0.0, 0.1, 1e-5),
-             fused_conv.Link(True, 2, 1, True, False, True, 1, 0.0, 0.1, 1e-5)]
+    links = [conv_chain.Link(True, 4, 0, True, True, True, 1, 0.0, 0.1, 1e-5),
+             conv_chain.Link(True, 2, 1, True, False, True, 1, 0.0, 0.1, 1e-5)]
     x = torch.randn(2, 6, 1, 1)
     weights = [torch.randn(6, 8, 4, 4) * 0.3, torch.randn(8, 4, 4, 4) * 0.3]
     gammas, betas = [torch.rand(8) + 0.5], [torch.randn(8)]
     running = [[torch.zeros(8), torch.zeros(4)], [torch.ones(8), torch.ones(4)]]
-    layout, scalars = fused_conv.encode(links)
-    torch.library.opcheck(fused_conv.conv_chain, (x, weights, gammas, betas, *running, layout, scalars, False))
-    z, zs, stats = fused_conv.conv_chain(x, weights, gammas, betas, *running, layout, scalars, False)
-    torch.library.opcheck(fused_conv.conv_chain_backward,
+    layout, scalars = conv_chain.encode(links)
+    torch.library.opcheck(conv_chain.conv_chain, (x, weights, gammas, betas, *running, layout, scalars, False))
+    z, zs, stats = conv_chain.conv_chain(x, weights, gammas, betas, *running, layout, scalars, False)
+    torch.library.opcheck(conv_chain.conv_chain_backward,
                           (torch.randn_like(z), x, weights, gammas, zs, stats, layout, scalars, [1, 1, 1, 1], False))
 
 

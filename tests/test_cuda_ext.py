@@ -16,8 +16,10 @@ import pytest
 import torch
 
 import fastgan
-from fastgan import _build, backends, losses
-from fastgan.functional import batch_norm_act, sigmoid_bce
+from fastgan.nn import losses
+from fastgan.ops import backends
+from fastgan.ops import extension as ext_build
+from fastgan.ops.functional import batch_norm_act, sigmoid_bce
 from parity import HAS_CUDA, assert_close, needs_triton_here
 from test_bn_act import ACTS, _case, _compare, _run
 from test_models import _check_half_parity, _check_parity, _inputs, _pair, _step
@@ -39,12 +41,12 @@ def extension():
     outputs = [proc.communicate(timeout=1200) for proc in procs]
     for proc, (out, err) in zip(procs, outputs):
         assert proc.returncode == 0, f"build-ext failed:\n{out}\n{err}"
-    ext = _build.load_ops()
-    return SimpleNamespace(ext=ext, info=_build.build(), outputs=[out for out, _ in outputs])
+    ext = backends.kernel_ops("cuda")
+    return SimpleNamespace(ext=ext, info=ext_build.build(), outputs=[out for out, _ in outputs])
 
 
 def _cuda_part_expected():
-    home, _ = _build.cuda_toolkit()
+    home, _ = ext_build.cuda_toolkit()
     return home is not None
 
 
@@ -81,10 +83,10 @@ def test_concurrent_builds_compile_once(extension):
 
 def test_second_process_loads_from_the_cache(extension):
     code = ("import torch\n"
-            "from fastgan import _build\n"
-            "ext = _build.load_ops()\n"
+            "from fastgan.ops import backends, extension\n"
+            "ext = backends.kernel_ops('cuda')\n"
             "y = ext.bn_act(torch.randn(2, 3, 4, 4), None, None, None, None, False, 1, 0.0)\n"
-            "print(_build.build().compiled, bool((y >= 0).all()))\n")
+            "print(extension.build().compiled, bool((y >= 0).all()))\n")
     mtime = os.path.getmtime(extension.info.library)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -97,9 +99,9 @@ def test_a_builder_waits_for_the_lock_then_loads_what_the_holder_built(extension
     import fcntl
 
     monkeypatch.setenv("FASTGAN_CACHE_DIR", str(tmp_path))
-    directory = _build._plan().directory
+    directory = ext_build._plan().directory
     os.makedirs(os.path.dirname(directory))
-    code = "from fastgan import _build; info = _build.build(); print(info.compiled, info.library)"
+    code = "from fastgan.ops import extension; info = extension.build(); print(info.compiled, info.library)"
     with open(directory + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # as a process that is compiling does
         waiter = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
@@ -128,11 +130,11 @@ def _broken_source_tree(tmp_path):
 _FAILED_BUILD_SCRIPT = """
 import json, sys, warnings
 import torch, fastgan
-from fastgan import _build, backends
+from fastgan.ops import backends, extension
 assert fastgan.__file__.startswith(sys.argv[1]), fastgan.__file__
 compile_calls = []
-compile_ = _build._compile
-_build._compile = lambda *args: (compile_calls.append(1), compile_(*args))[1]
+compile_ = extension._compile
+extension._compile = lambda *args: (compile_calls.append(1), compile_(*args))[1]
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     picks = [backends.resolve("auto", torch.device("cuda")) for _ in range(3)]
@@ -484,7 +486,7 @@ def test_gpu_fp16_storage_model(kind):
 
 _RACECHECK_SCRIPT = """
 import torch
-from fastgan.functional import batch_norm_act, sigmoid_bce
+from fastgan.ops.functional import batch_norm_act, sigmoid_bce
 for channels_last in (False, True):
     z = torch.randn(8, 64, 8, 8, device="cuda", requires_grad=True)
     if channels_last:
@@ -502,7 +504,7 @@ print("done")
 @pytest.mark.gpu
 @pytest.mark.parametrize("tool", ["racecheck", "memcheck"])
 def test_gpu_compute_sanitizer(extension, tool):
-    sanitizer = shutil.which("compute-sanitizer") or os.path.join(_build.cuda_toolkit()[0] or "", "bin",
+    sanitizer = shutil.which("compute-sanitizer") or os.path.join(ext_build.cuda_toolkit()[0] or "", "bin",
                                                                      "compute-sanitizer")
     if not os.path.isfile(sanitizer):
         pytest.skip("compute-sanitizer is not installed (it comes with the CUDA toolkit)")

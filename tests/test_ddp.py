@@ -8,10 +8,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastgan import distributed, presets, reference
-from fastgan.functional import batch_norm_act
-from fastgan.layers import fuse
-from fastgan.train import Settings, Trainer
+from fastgan.cli.train import Settings, Trainer
+from fastgan.nn import distributed, presets, reference
+from fastgan.nn.layers import fuse
+from fastgan.ops.functional import batch_norm_act
 from parity import HAS_TRITON, INTERPRETER, assert_close
 
 WORLD = 2

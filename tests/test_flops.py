@@ -5,7 +5,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import fastgan
-from fastgan import flops, reference
+from fastgan.nn import reference
+from fastgan.perf import flops
 
 
 def test_dcgan_floor_is_the_design_figure():

@@ -4,6 +4,7 @@ import torch
 
 import fastgan
 from fastgan import ops
+from fastgan.ops import backends
 from parity import HAS_CUDA, needs_triton_here
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
@@ -44,7 +45,7 @@ def test_torch_compile_traces_the_fused_model(backend):
         needs_triton_here("cpu")
     else:
         try:  # test_cuda_ext.py checks that the extension builds; here it only has to trace
-            fastgan.backends.resolve("cuda", torch.device("cpu"))
+            backends.resolve("cuda", torch.device("cpu"))
         except fastgan.BackendUnavailable as exc:
             pytest.skip(str(exc))
     torch.manual_seed(0)

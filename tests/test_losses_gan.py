@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
-from fastgan import losses, presets, reference
-from fastgan.layers import fuse
-from fastgan.train import Settings, Trainer
+from fastgan.cli.train import Settings, Trainer
+from fastgan.nn import losses, presets, reference
+from fastgan.nn.layers import fuse
 from parity import assert_close, needs_triton_here
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import fastgan
-from fastgan import reference
+from fastgan.nn import reference
+from fastgan.ops import backends
 from parity import TOLERANCES, assert_close, needs_triton_here, rel_l2
 
 # (backend, device, ngf=ndf, batch, dtype): the torch backend at the real size; triton under the
@@ -253,7 +254,7 @@ def test_fuse_shares_parameters_and_keeps_state_dict():
 def test_gpu_full_size_parity(kind, backend, precision):
     """Full size (ngf=ndf=64, batch 128) on the GPU: fp32 with TF32 off, TF32, and bf16 autocast."""
     try:
-        fastgan.backends.resolve(backend, torch.device("cuda"))
+        backends.resolve(backend, torch.device("cuda"))
     except fastgan.BackendUnavailable as exc:
         pytest.skip(str(exc))
     fast, ref = _pair(kind, 64, backend, "cuda", torch.float32)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from fastgan import presets, reference
-from fastgan.checkpoint import strip_module_prefix
-from fastgan.layers import FusedSequential, fuse
+from fastgan.nn import presets, reference
+from fastgan.nn.checkpoint import strip_module_prefix
+from fastgan.nn.layers import FusedSequential, fuse
 from parity import assert_close, needs_triton_here
 
 BATCH = 4

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastgan import losses
-from fastgan.functional import sigmoid_bce
+from fastgan.nn import losses
+from fastgan.ops.functional import sigmoid_bce
 from parity import HAS_CUDA, assert_close, needs_backend_here, needs_triton_here
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])

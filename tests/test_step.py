@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import fastgan
-from fastgan import fused_conv, reference
-from fastgan.step import CapturedStep
+from fastgan.nn import fused_conv, reference
+from fastgan.nn.step import CapturedStep
 from parity import assert_close
 
 

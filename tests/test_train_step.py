@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import fastgan
-from fastgan import reference
+from fastgan.nn import reference
+from fastgan.ops import backends
 from parity import needs_triton_here, rel_l2
 
 
@@ -63,7 +64,7 @@ def test_triton_steps_match_reference_loop():
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_gpu_50_steps_match_reference_loop(backend):
     try:
-        fastgan.backends.resolve(backend, torch.device("cuda"))
+        backends.resolve(backend, torch.device("cuda"))
     except fastgan.BackendUnavailable as exc:
         pytest.skip(str(exc))
     _check_converges_alike(*_run(backend, "cuda", steps=50, size=64, batch=64, dtype=torch.float64))

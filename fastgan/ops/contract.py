@@ -1,7 +1,7 @@
-"""The fused ops as ``torch.library`` custom ops, with fake kernels and autograd.
+"""The op contract: the fused ops every kernel backend implements, their fake kernels and autograd.
 
-One contract, one schema per op, registered by each kernel backend under its own namespace
-(``fastgan`` here for triton; ``fastgan_ext`` for the C++/CUDA extension):
+One schema per op, registered by each kernel backend under its own namespace (``fastgan`` for triton,
+fastgan.ops.triton_ops; ``fastgan_ext`` for the C++/CUDA extension, fastgan.ops.ext_ops):
 
 ``channel_stats(z, running_mean?, running_var?, momentum, eps) -> (mean, invstd)``
     Batch statistics per channel of z (N, C, *spatial): fp32 (fp64 for fp64 z), shape (C,), biased variance.
@@ -17,22 +17,39 @@ One contract, one schema per op, registered by each kernel backend under its own
     loss = mean BCE of sigmoid(logits) against the constant target, 0-dim fp32 (fp64 for fp64 logits);
     grad = dloss/dlogits, logits' dtype, saved for backward.
 
-act: ACTIVATIONS[name]; slope: LeakyReLU's negative slope.
+act: ACTIVATIONS[name]; slope: LeakyReLU's negative slope.  The torch composite of the same maths
+(fastgan.ops.functional with backend="torch") is the reference every backend is tested against.
 """
-from typing import Optional
-
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+
+from ..usage import UsageError
 
 ACTIVATIONS = {"none": 0, "relu": 1, "leaky_relu": 2, "tanh": 3}
 
 
-def _stat_dtype(t):
+class BackendUnavailable(UsageError, RuntimeError):
+    """An explicitly requested backend cannot run on the given tensors; the message says why and the fix."""
+
+
+def stat_dtype(t):
+    """The dtype of statistics and accumulators for ``t``: fp64 for fp64, else fp32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def torch_act(y, act, slope):
+    """The activation ``act`` (a name of ACTIVATIONS) in torch ops."""
+    if act == "relu":
+        return F.relu(y)
+    if act == "leaky_relu":
+        return F.leaky_relu(y, slope)
+    if act == "tanh":
+        return torch.tanh(y)
+    return y
+
+
 def channel_stats_fake(z, running_mean, running_var, momentum, eps):
-    return z.new_empty((z.shape[1],), dtype=_stat_dtype(z)), z.new_empty((z.shape[1],), dtype=_stat_dtype(z))
+    return z.new_empty((z.shape[1],), dtype=stat_dtype(z)), z.new_empty((z.shape[1],), dtype=stat_dtype(z))
 
 
 def bn_act_fake(z, mean, invstd, weight, bias, batch_stats, act, slope):
@@ -41,12 +58,12 @@ def bn_act_fake(z, mean, invstd, weight, bias, batch_stats, act, slope):
 
 def bn_act_backward_fake(dy, z, mean, invstd, weight, bias, batch_stats, act, slope):
     params = z.shape[1] if weight is not None else 0
-    dtype = mean.dtype if mean is not None else _stat_dtype(z)
+    dtype = mean.dtype if mean is not None else stat_dtype(z)
     return torch.empty_like(z), z.new_empty((params,), dtype=dtype), z.new_empty((params,), dtype=dtype)
 
 
 def sigmoid_bce_fake(logits, target):
-    return logits.new_empty((), dtype=_stat_dtype(logits)), torch.empty_like(logits)
+    return logits.new_empty((), dtype=stat_dtype(logits)), torch.empty_like(logits)
 
 
 def register(bn_act_op, bn_act_backward_op, sigmoid_bce_op, channel_stats_op):
@@ -85,39 +102,3 @@ def register(bn_act_op, bn_act_backward_op, sigmoid_bce_op, channel_stats_op):
     torch.library.register_autograd(bn_act_backward_op, no_double_backward)
 
 
-# ----------------------------------------------------------------------------- triton backend
-# The kernels import lazily: importing fastgan must not import triton.
-
-@torch.library.custom_op("fastgan::channel_stats", mutates_args=("running_mean", "running_var"))
-def channel_stats(z: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
-                  eps: float) -> tuple[Tensor, Tensor]:
-    from .kernels import bn_act as kernels
-
-    return kernels.channel_stats(z, running_mean, running_var, momentum, eps)
-
-
-@torch.library.custom_op("fastgan::bn_act", mutates_args=())
-def bn_act(z: Tensor, mean: Optional[Tensor], invstd: Optional[Tensor], weight: Optional[Tensor],
-           bias: Optional[Tensor], batch_stats: bool, act: int, slope: float) -> Tensor:
-    from .kernels import bn_act as kernels
-
-    return kernels.bn_act_forward(z, mean, invstd, weight, bias, act, slope)
-
-
-@torch.library.custom_op("fastgan::bn_act_backward", mutates_args=())
-def bn_act_backward(dy: Tensor, z: Tensor, mean: Optional[Tensor], invstd: Optional[Tensor],
-                    weight: Optional[Tensor], bias: Optional[Tensor], batch_stats: bool, act: int,
-                    slope: float) -> tuple[Tensor, Tensor, Tensor]:
-    from .kernels import bn_act as kernels
-
-    return kernels.bn_act_backward(dy, z, mean, invstd, weight, bias, batch_stats, act, slope)
-
-
-@torch.library.custom_op("fastgan::sigmoid_bce", mutates_args=())
-def sigmoid_bce(logits: Tensor, target: float) -> tuple[Tensor, Tensor]:
-    from .kernels import sigmoid_bce as kernels
-
-    return kernels.sigmoid_bce(logits, target)
-
-
-register(bn_act, bn_act_backward, sigmoid_bce, channel_stats)

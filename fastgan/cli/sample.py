@@ -14,18 +14,11 @@ import os
 import numpy as np
 import torch
 
-from . import backends, presets
-from .checkpoint import load_checkpoint, strip_module_prefix
-from .layers import fuse
-
-
-class CommandError(Exception):
-    """Bad input to a command: reported as one line, exit status 1."""
-
-
-def fail(command, error):
-    """SystemExit with a one-line message (argparse's style), for ``raise fail(...) from None``."""
-    return SystemExit(f"fastgan {command}: error: {' '.join(str(error).split())}")
+from ..nn import presets
+from ..nn.checkpoint import load_checkpoint, strip_module_prefix
+from ..nn.layers import fuse
+from ..ops import backends
+from ..usage import UsageError
 
 
 def save_grid(images, path, nrow=8, padding=2):
@@ -51,27 +44,16 @@ def sample_noise(n, nz, kind, device, generator=None):
     return torch.randn(n, nz, generator=generator, device=device)
 
 
-def parse_device(name):
-    """torch.device for --device (default: cuda if available, else cpu); CommandError when it cannot be used."""
-    try:
-        device = torch.device(name) if name else backends.default_device()
-    except RuntimeError as exc:
-        raise CommandError(f"--device {name}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CommandError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return device
-
-
 def load_generator(path, preset=None, nz=None, ngf=None, nc=None, device="cpu", backend="auto"):
-    """(fused generator on ``device``, its recipe) from a generator checkpoint; CommandError when it does not fit."""
+    """(fused generator on ``device``, its recipe) from a generator checkpoint; UsageError when it does not fit."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CommandError(f"--netG {path} does not exist") from None
+        raise UsageError(f"--netG {path} does not exist") from None
     except Exception as exc:  # pickle, zip and torch errors alike: the file is not a checkpoint
-        raise CommandError(f"--netG {path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        raise UsageError(f"--netG {path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict):
-        raise CommandError(f"--netG {path} holds a {type(state).__name__}, not a state_dict")
+        raise UsageError(f"--netG {path} holds a {type(state).__name__}, not a state_dict")
     state = strip_module_prefix(state)
     sizes = {k: v for k, v in dict(nz=nz, ngf=ngf, nc=nc).items() if v is not None}
     try:
@@ -81,7 +63,7 @@ def load_generator(path, preset=None, nz=None, ngf=None, nc=None, device="cpu", 
         G, _, recipe = presets.build(preset, **sizes)
         load_checkpoint(G, state)
     except ValueError as exc:
-        raise CommandError(f"--netG {path}: {exc}") from None
+        raise UsageError(f"--netG {path}: {exc}") from None
     return fuse(G, backend).to(device), recipe
 
 
@@ -99,16 +81,13 @@ def add_common(parser):
 
 
 def prepare(args, command, batch):
-    """The generator (in the mode --eval asks for), its recipe and device, or SystemExit with one line."""
+    """The generator (in the mode --eval asks for), its recipe and device; UsageError when it cannot be had."""
     if batch < 2 and not args.eval:
-        raise fail(command, f"BatchNorm on batch statistics needs 2 or more images, got {batch}; "
-                            "ask for more, or pass --eval")
-    try:
-        device = parse_device(args.device)
-        backends.resolve(args.backend, device)
-        G, recipe = load_generator(args.netG, args.preset, args.nz, args.ngf, args.nc, device, args.backend)
-    except (CommandError, backends.BackendUnavailable) as exc:
-        raise fail(command, exc) from None
+        raise UsageError(f"BatchNorm on batch statistics needs 2 or more images, got {batch}; "
+                         "ask for more, or pass --eval")
+    device = backends.parse_device(args.device)
+    backends.resolve(args.backend, device)
+    G, recipe = load_generator(args.netG, args.preset, args.nz, args.ngf, args.nc, device, args.backend)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     return G.train(not args.eval), recipe, device
 

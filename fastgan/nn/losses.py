@@ -8,8 +8,8 @@ wgan-gp  E[D(G(z))] - E[D(x)] + gradient_penalty; G: -E[D(G(z))]
 import torch
 import torch.nn.functional as F
 
-from .backends import use_backend
-from .functional import sigmoid_bce
+from ..ops.backends import use_backend
+from ..ops.functional import sigmoid_bce
 
 
 def _check_pair(real_logits, fake_logits, label_smoothing):

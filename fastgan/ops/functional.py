@@ -8,8 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..usage import UsageError
 from . import backends
-from .ops import ACTIVATIONS
+from .backends import kernel_ops
+from .contract import ACTIVATIONS, stat_dtype, torch_act
+from .sync_bn import sync_batch_norm_act
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -24,22 +27,8 @@ def check_float(name, t):
 
 def check_device(name, t, device):
     if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the layer's parameters are on {device}; "
+        raise UsageError(f"{name} is on {t.device} but the layer's parameters are on {device}; "
                          f"move both to one device with .to(device)")
-
-
-def _stat_dtype(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _torch_act(y, act, slope):
-    if act == "relu":
-        return F.relu(y)
-    if act == "leaky_relu":
-        return F.leaky_relu(y, slope)
-    if act == "tanh":
-        return torch.tanh(y)
-    return y
 
 
 def batch_norm_act(z, weight=None, bias=None, running_mean=None, running_var=None, *, normalize=True,
@@ -51,28 +40,26 @@ def batch_norm_act(z, weight=None, bias=None, running_mean=None, running_var=Non
     ``batch_stats`` normalises with the batch statistics and updates the running stats given (in place);
     otherwise the running stats normalise.  Returns y with z's shape, dtype and memory format.
     ``process_group``: with batch statistics, take them over every rank of the group (SyncBatchNorm);
-    see fastgan.distributed.sync_batch_norm_act."""
+    see fastgan.ops.sync_bn."""
     if act not in ACTIVATIONS:
-        raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+        raise UsageError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
     which = backends.resolve(backend, z.device)
     if process_group is not None and normalize and batch_stats:
-        from .distributed import sync_batch_norm_act  # distributed imports this module
-
         return sync_batch_norm_act(z, weight, bias, running_mean, running_var, momentum, eps, act, slope, which,
                                    process_group)
     if which == "torch":
         if normalize:
             z = F.batch_norm(z, running_mean, running_var, weight, bias, batch_stats, momentum, eps)
-        return _torch_act(z, act, slope)
-    ops = _ops(which)
+        return torch_act(z, act, slope)
+    ops = kernel_ops(which)
     if not (z.is_contiguous() or (z.dim() == 4 and z.is_contiguous(memory_format=torch.channels_last))):
         z = z.contiguous()
     mean = invstd = None
     if normalize and batch_stats:
         mean, invstd = ops.channel_stats(z.detach(), running_mean, running_var, float(momentum), float(eps))
     elif normalize:
-        mean = running_mean.to(_stat_dtype(z), copy=True)
-        invstd = torch.rsqrt(running_var.to(_stat_dtype(z)) + eps)
+        mean = running_mean.to(stat_dtype(z), copy=True)
+        invstd = torch.rsqrt(running_var.to(stat_dtype(z)) + eps)
     return ops.bn_act(z, mean, invstd, weight, bias, batch_stats, ACTIVATIONS[act], float(slope))
 
 
@@ -83,17 +70,7 @@ def sigmoid_bce(logits, target, backend=None):
     if which == "torch":
         logits = logits if logits.dtype == torch.float64 else logits.float()
         return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
-    return _ops(which).sigmoid_bce(logits, float(target))[0]
-
-
-def _ops(which):
-    if which == "triton":
-        from . import ops
-    else:
-        from . import _build
-
-        ops = _build.load_ops()
-    return ops
+    return kernel_ops(which).sigmoid_bce(logits, float(target))[0]
 
 
 def _check_input(x, conv):
@@ -104,7 +81,7 @@ def _check_input(x, conv):
     else:
         expected, rank, channels = f"(N, {conv.in_channels}, H, W)", 4, conv.in_channels
     if x.dim() != rank or x.shape[1] != channels:
-        raise ValueError(f"{type(conv).__name__} expects input of shape {expected}, got {tuple(x.shape)}")
+        raise UsageError(f"{type(conv).__name__} expects input of shape {expected}, got {tuple(x.shape)}")
 
 
 def bn_module_args(bn, z):
@@ -117,11 +94,11 @@ def bn_module_args(bn, z):
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     track = not bn.training or bn.track_running_stats
     if batch_stats and z.numel() // z.shape[1] <= 1:
-        raise ValueError(f"BatchNorm in training mode needs more than one value per channel, got input of shape "
+        raise UsageError(f"BatchNorm in training mode needs more than one value per channel, got input of shape "
                          f"{tuple(z.shape)}; use a batch of 2 or more, or call .eval()")
     return dict(weight=bn.weight, bias=bn.bias, running_mean=bn.running_mean if track else None,
                 running_var=bn.running_var if track else None, batch_stats=batch_stats, momentum=momentum,
-                eps=bn.eps, process_group=getattr(bn, "process_group", None))  # set by distributed.sync_batchnorm
+                eps=bn.eps, process_group=getattr(bn, "process_group", None))  # see fastgan.nn.distributed
 
 
 def conv_bn_act(x, conv, bn=None, act="none", slope=0.01, backend=None):

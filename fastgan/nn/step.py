@@ -16,9 +16,18 @@ only synchronisation.  On CPU the same step runs eagerly on the static buffers.
 Between steps, leave the parameters' ``.grad`` and the optimizers' state alone: the graph owns them.  To
 change the learning rate, give the optimizers a tensor ``lr``.
 """
+from typing import NamedTuple
+
 import torch
 
-from .models import StepResult
+
+class StepResult(NamedTuple):
+    """Losses and mean D outputs of one train step, as 0-dim tensors (read them with .item() when needed)."""
+    loss_d: torch.Tensor
+    loss_g: torch.Tensor
+    d_x: torch.Tensor
+    d_g_z1: torch.Tensor
+    d_g_z2: torch.Tensor
 
 
 def _check_capturable(optimizer, name):

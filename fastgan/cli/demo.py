@@ -6,8 +6,9 @@ import time
 
 import torch
 
-from . import backends, reference
-from .models import DCGAN
+from ..nn import reference
+from ..nn.models import DCGAN
+from ..ops import backends
 
 
 def add_arguments(parser):

@@ -1,80 +1,12 @@
-"""torchrun / DistributedDataParallel helpers, and BatchNorm statistics synchronised across ranks.
-
-``setup()``                 reads torchrun's environment, starts the process group, picks the device
-``wrap(model, context)``    DDP with ``broadcast_buffers=False`` (see below)
-``sync_batchnorm(model)``   make every BatchNorm fused by fastgan.fuse synchronise its batch statistics
-``sync_batch_norm_act``     the synchronised op behind it: SyncBatchNorm + activation, on fastgan's kernels
-
-A GAN step runs D several times before one backward (real, then fake).  DDP's default
-``broadcast_buffers=True`` overwrites the BN running stats in place at each forward, and the torch
-backward saved them: the second forward breaks the first one's backward (pytorch#175024).  fastgan wraps
-with ``broadcast_buffers=False``.  Nothing is lost: rank 0 is the broadcast's source, so its running stats
-(the ones checkpoints hold) evolve the same either way; the other ranks' are never saved, and train-mode
-BatchNorm does not read them.  With sync_batchnorm they are identical on every rank anyway.
+"""BatchNorm + activation with batch statistics over every rank of a process group (SyncBatchNorm), on
+fastgan's kernels: what fastgan.ops.functional.batch_norm_act runs when its BatchNorm carries a process group
+(fastgan.nn.distributed.sync_batchnorm sets one).
 """
-import dataclasses
-import os
-
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from . import backends
-from .functional import _ops, _stat_dtype, _torch_act
-from .ops import ACTIVATIONS
-
-
-@dataclasses.dataclass(frozen=True)
-class Context:
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def distributed(self):
-        return self.world_size > 1
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-
-def setup(device=None):
-    """The process's Context.  Under torchrun (WORLD_SIZE > 1) it starts the process group: nccl on CUDA,
-    gloo on CPU, and each rank takes cuda:LOCAL_RANK unless ``device`` says otherwise."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device(device) if device else backends.default_device()
-    if world_size == 1:
-        return Context(device=device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Context(dist.get_rank(), dist.get_world_size(), device)
-
-
-def wrap(model, context):
-    """``model`` in DistributedDataParallel when distributed, else ``model``."""
-    if not context.distributed:
-        return model
-    device_ids = [context.device] if context.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
-
-
-def sync_batchnorm(model, process_group=None):
-    """Synchronise the batch statistics of every BatchNorm in ``model`` over ``process_group`` (all ranks
-    by default): each normalises with the statistics of the whole global batch, as nn.SyncBatchNorm does.
-
-    The modules keep their type and state_dict; fastgan's fused layers (fastgan.fuse, fastgan.Generator,
-    ...) read the group from them.  Returns ``model``."""
-    group = process_group if process_group is not None else dist.group.WORLD
-    for module in model.modules():
-        if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d):
-            module.process_group = group
-    return model
+from .backends import kernel_ops
+from .contract import ACTIVATIONS, stat_dtype, torch_act
 
 
 def _gather_moments(count, mean, var, group):
@@ -104,11 +36,12 @@ class _SyncBatchNormAct(torch.autograd.Function):
         dims = [0, *range(2, z.dim())]
         count = z.numel() // z.shape[1]
         if which == "torch":
-            var, mean = torch.var_mean(z.to(_stat_dtype(z)), dim=dims, correction=0)
+            var, mean = torch.var_mean(z.to(stat_dtype(z)), dim=dims, correction=0)
         else:
             if not (z.is_contiguous() or (z.dim() == 4 and z.is_contiguous(memory_format=torch.channels_last))):
                 z = z.contiguous()
-            mean, invstd = _ops(which).channel_stats(z.detach(), None, None, 0.0, 0.0)  # eps 0: var = invstd^-2 exactly
+            # eps 0: var = invstd^-2 exactly
+            mean, invstd = kernel_ops(which).channel_stats(z.detach(), None, None, 0.0, 0.0)
             var = invstd.pow(-2)
         total, mean, var = _gather_moments(count, mean, var, group)
         if running_mean is not None:
@@ -121,9 +54,9 @@ class _SyncBatchNormAct(torch.autograd.Function):
         if which == "torch":
             scale = weight.to(mean.dtype) * invstd
             pre = z.to(mean.dtype) * _channel_view(scale, z) + _channel_view(bias - mean * scale, z)
-            y = _torch_act(pre, act, slope).to(z.dtype)
+            y = torch_act(pre, act, slope).to(z.dtype)
         else:
-            y = _ops(which).bn_act(z, mean, invstd, weight, bias, False, ACTIVATIONS[act], float(slope))
+            y = kernel_ops(which).bn_act(z, mean, invstd, weight, bias, False, ACTIVATIONS[act], float(slope))
         ctx.save_for_backward(z, mean, invstd, weight, bias)
         ctx.config = (act, slope, which, group, total)
         return y
@@ -141,11 +74,11 @@ class _SyncBatchNormAct(torch.autograd.Function):
             pre = (xhat * _channel_view(weight.to(mean.dtype), z) + _channel_view(bias.to(mean.dtype), z))
             with torch.enable_grad():
                 pre.requires_grad_(True)
-                (g,) = torch.autograd.grad(_torch_act(pre, act, slope), pre, dy.to(mean.dtype))
+                (g,) = torch.autograd.grad(torch_act(pre, act, slope), pre, dy.to(mean.dtype))
             sums = torch.stack([g.sum(dims), (g * xhat).sum(dims)])
             dz_local = g * _channel_view(weight.to(mean.dtype) * invstd, z)
         else:
-            dz_local, dweight, dbias = _ops(which).bn_act_backward(
+            dz_local, dweight, dbias = kernel_ops(which).bn_act_backward(
                 dy, z, mean, invstd, weight, bias, False, ACTIVATIONS[act], float(slope))
             sums = torch.stack([dbias, dweight]).to(mean.dtype)
         local_sums = sums.clone()
@@ -160,6 +93,6 @@ def sync_batch_norm_act(z, weight, bias, running_mean, running_var, momentum, ep
     """act(BatchNorm(z)) in training mode, normalised with the statistics of z over every rank of ``group``.
 
     Gradients: dz is exact for the global batch; dweight and dbias are this rank's share (DDP averages them).
-    Running stats are updated identically on every rank.  See functional.batch_norm_act for the arguments."""
+    Running stats are updated identically on every rank.  See fastgan.ops.functional.batch_norm_act for the arguments."""
     return _SyncBatchNormAct.apply(z, weight, bias, running_mean, running_var, momentum, eps, act, slope, which,
                                    group)

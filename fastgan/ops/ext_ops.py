@@ -1,22 +1,23 @@
-"""The C++/CUDA extension's ops (namespace ``fastgan_ext``), with fastgan.ops' fake kernels and autograd.
+"""The C++/CUDA backend: the op contract (fastgan.ops.contract) as the extension's ops, namespace ``fastgan_ext``.
 
-Same contract and schemas as fastgan.ops (see its docstring); CPU and CUDA kernels live in csrc/.
-Importing this module builds the extension on first use (fastgan._build) and raises
+Same schemas as fastgan.ops.triton_ops, with the same fake kernels and autograd; the CPU and CUDA kernels live
+in csrc/.  Importing this module builds the extension on first use (fastgan.ops.extension) and raises
 fastgan.BackendUnavailable, with the reason, when it cannot be built.
 """
 import torch
 
-from . import _build, ops
-from .kernels import outputs
+from ..kernels import outputs
+from . import extension
+from .contract import register
 
-_build.load_library()
+extension.load_library()
 
 channel_stats = torch.ops.fastgan_ext.channel_stats.default
 bn_act = torch.ops.fastgan_ext.bn_act.default
 bn_act_backward = torch.ops.fastgan_ext.bn_act_backward.default
 sigmoid_bce = torch.ops.fastgan_ext.sigmoid_bce.default
 
-ops.register(bn_act, bn_act_backward, sigmoid_bce, channel_stats)
+register(bn_act, bn_act_backward, sigmoid_bce, channel_stats)
 
 
 def poison_outputs(enabled):

@@ -1,13 +1,14 @@
 """Drop-in DCGAN models: the reference architectures with fused forward and backward."""
 from collections import OrderedDict
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from . import backends, reference
+from ..ops import backends
+from . import reference
 from .layers import FusedSequential
 from .losses import discriminator_loss, generator_loss
+from .step import StepResult, captured_step
 
 
 class Generator(reference.Generator):
@@ -34,15 +35,6 @@ class Discriminator(reference.Discriminator):
 
     def forward(self, x):
         return torch.sigmoid(self.logits(x))
-
-
-class StepResult(NamedTuple):
-    """Losses and mean D outputs of one train step, as 0-dim tensors (read them with .item() when needed)."""
-    loss_d: torch.Tensor
-    loss_g: torch.Tensor
-    d_x: torch.Tensor
-    d_g_z1: torch.Tensor
-    d_g_z2: torch.Tensor
 
 
 class DCGAN(nn.Module):
@@ -77,8 +69,6 @@ class DCGAN(nn.Module):
         ``cuda_graph``: run the step as one CUDA graph (fastgan.step; needs Adam(..., capturable=True));
         on CPU it runs eagerly."""
         if cuda_graph:
-            from .step import captured_step  # step imports this module
-
             return captured_step(self, opt_g, opt_d, label_smoothing)(real, noise)
         G, D = self.generator, self.discriminator
         D.zero_grad()

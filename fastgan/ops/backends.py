@@ -14,20 +14,20 @@ import warnings
 
 import torch
 
+from ..usage import UsageError
+from . import extension
+from .contract import BackendUnavailable
+
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
 _override = threading.local()
 
 
-class BackendUnavailable(RuntimeError):
-    """An explicitly requested backend cannot run on the given tensors."""
-
-
-def check_name(backend):
+def check_name(backend, source="backend"):
     if backend is None:
         return None
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise UsageError(f"{source} must be one of {', '.join(BACKENDS)}, got {backend!r}")
     return backend
 
 
@@ -75,13 +75,7 @@ def _triton_problem(device):
     return None
 
 
-def _cuda_problem(device):
-    from . import _build  # the extension is built on first use
-
-    return _build.extension_problem(device)
-
-
-_PROBLEMS = {"torch": lambda device: None, "triton": _triton_problem, "cuda": _cuda_problem}
+_PROBLEMS = {"torch": lambda device: None, "triton": _triton_problem, "cuda": extension.extension_problem}
 
 
 @functools.cache
@@ -93,7 +87,8 @@ def resolve(backend, device):
     """The concrete backend ("torch" | "triton" | "cuda") to run on ``device``."""
     requested = getattr(_override, "backend", None) or check_name(backend) or "auto"
     if requested == "auto":
-        requested = check_name(os.environ.get("FASTGAN_BACKEND") or "auto")
+        requested = check_name(os.environ.get("FASTGAN_BACKEND") or "auto",
+                               "the environment variable FASTGAN_BACKEND")
     if requested != "auto":
         problem = _PROBLEMS[requested](device)
         if problem:
@@ -109,5 +104,34 @@ def resolve(backend, device):
     return "torch"
 
 
+def kernel_ops(which):
+    """The module holding the ops of kernel backend ``which`` ("triton" or "cuda").
+
+    Imported here, on first use: importing fastgan.ops.ext_ops builds the C++/CUDA extension."""
+    if which == "triton":
+        from . import triton_ops
+
+        return triton_ops
+    from . import ext_ops
+
+    return ext_ops
+
+
 def default_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_device(name, flag="--device"):
+    """torch.device for a --device flag (default: cuda if available, else cpu); UsageError when it cannot be used."""
+    try:
+        device = torch.device(name) if name else default_device()
+    except RuntimeError as exc:
+        raise UsageError(f"{flag} {name}: {exc}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{flag} {name}: no CUDA device is available here; use {flag} cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"{flag} {name}: there are {torch.cuda.device_count()} CUDA device(s) here; "
+                         f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"{flag} {name}: fastgan runs on cpu and cuda devices, not {device.type}")
+    return device

@@ -5,59 +5,13 @@ state_dict keys, ``.apply(init_fn)``, optimizers and checkpoints are unchanged; 
 forward differs.
 """
 from collections import OrderedDict
-from typing import NamedTuple, Optional
 
 from torch import nn
 
-from . import backends
-from .functional import conv_bn_act
-
-CONVS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)  # exact types: SyncBatchNorm and friends keep their own forward
-
-
-class FusedStep(NamedTuple):
-    conv: str
-    bn: Optional[str]
-    act: str
-    slope: float
-    last: int  # index of the last module the step covers
-
-
-def _activation(module):
-    if type(module) is nn.ReLU:
-        return "relu", 0.0
-    if type(module) is nn.LeakyReLU:
-        return "leaky_relu", module.negative_slope
-    if type(module) is nn.Tanh:
-        return "tanh", 0.0
-    return None
-
-
-def _out_channels(conv):
-    return conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
-
-
-def plan(modules):
-    """Group an ordered list of (name, module) into FusedSteps and single module names."""
-    steps, i = [], 0
-    while i < len(modules):
-        name, module = modules[i]
-        if isinstance(module, CONVS):
-            j, bn = i + 1, None
-            if j < len(modules) and type(modules[j][1]) in NORMS and modules[j][1].num_features == _out_channels(module):
-                bn, j = modules[j][0], j + 1
-            act = _activation(modules[j][1]) if j < len(modules) else None
-            if act is not None:
-                j += 1
-            if bn is not None or act is not None:
-                steps.append(FusedStep(name, bn, *(act or ("none", 0.0)), last=j - 1))
-                i = j
-                continue
-        steps.append(name)
-        i += 1
-    return steps
-
+from ..ops import backends
+from ..ops.functional import conv_bn_act
+from . import fused_conv
+from .plan import FusedStep, check_level, plan
 
 class FusedSequential(nn.Sequential):
     """nn.Sequential whose conv/linear -> BatchNorm -> ReLU|LeakyReLU|Tanh runs are fused.
@@ -69,9 +23,7 @@ class FusedSequential(nn.Sequential):
     def __init__(self, *args, backend="auto", level="L1"):
         super().__init__(*args)
         self.backend = backends.check_name(backend)
-        if level not in ("L1", "L2"):
-            raise ValueError(f"level must be 'L1' or 'L2', got {level!r}")
-        self.level = level
+        self.level = check_level(level)
         self._steps = plan(list(self._modules.items()))
         self._index = {name: i for i, name in enumerate(self._modules)}
 
@@ -83,9 +35,7 @@ class FusedSequential(nn.Sequential):
         """Run the children with index < ``end`` (all by default)."""
         end = len(self) if end is None else end
         if self.level == "L2":
-            from .fused_conv import sequential_forward  # fused_conv imports this module
-
-            return sequential_forward(self, x, end)
+            return fused_conv.sequential_forward(self, x, end)
         modules = self._modules
         for step in self._steps:
             if isinstance(step, FusedStep):

@@ -1,7 +1,7 @@
 """The C++/CUDA extension (csrc/): built just in time with ninja, cached, loaded once per process.
 
     extension_problem(device)  None when backend="cuda" can run on ``device``, else why not, with the fix
-    load_ops()                 fastgan.ext_ops, the extension's ops (building the extension first if needed)
+    load_library()             build it if needed and load it into this process (fastgan.ops.ext_ops does)
     build(verbose=False)       build the extension, or find it in the cache: what ``python -m fastgan build-ext`` runs
 
 The cache (FASTGAN_CACHE_DIR, else $XDG_CACHE_HOME/fastgan or ~/.cache/fastgan) holds one folder per build,
@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from .backends import BackendUnavailable
+from .contract import BackendUnavailable
 
 NAME = "fastgan_ext"
 CPU_SOURCES = ("fastgan_ext.h", "ops.cpp", "bn_act.cpp", "sigmoid_bce.cpp")
@@ -38,6 +38,7 @@ CFLAGS = ["-O3", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 CUDA_CFLAGS = ["-O3", "-lineinfo"]
 ERROR_LINES = 15
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # fastgan/
 
 
 class BuildError(RuntimeError):
@@ -66,7 +67,7 @@ def cache_dir():
 
 def csrc_dir():
     """csrc/ shipped inside the package, else beside it in a source checkout."""
-    package = os.path.dirname(os.path.abspath(__file__))
+    package = _PACKAGE
     for candidate in (os.path.join(package, "csrc"), os.path.join(os.path.dirname(package), "csrc")):
         if os.path.isfile(os.path.join(candidate, "ops.cpp")):
             return candidate
@@ -181,11 +182,12 @@ def _compile(plan, staging, verbose):
     job = dict(build_dir=staging, include_dirs=[src, *plan.include_dirs], cuda=bool(plan.cuda_home),
                sources=[os.path.join(src, n) for n in plan.sources if n.endswith((".cpp", ".cu"))], verbose=verbose)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]))
+        [os.path.dirname(_PACKAGE), os.environ.get("PYTHONPATH", "")]))
     if plan.cuda_home:
         env.update(CUDA_HOME=plan.cuda_home, TORCH_CUDA_ARCH_LIST=plan.cuda_archs)
-    result = subprocess.run([sys.executable, "-m", "fastgan._build", json.dumps(job)], env=env,
-                            stdout=None if verbose else subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [sys.executable, "-c", f"import {__name__} as m; m.compile_job()", json.dumps(job)]
+    result = subprocess.run(command, env=env, stdout=None if verbose else subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     if result.returncode != 0:
         log = os.path.join(os.path.dirname(staging), os.path.basename(plan.directory) + ".failed.log")
         with open(log, "w") as f:
@@ -287,13 +289,17 @@ def _device_problem(device):
 _problems = {}  # str(device) -> problem
 
 
-@torch.compiler.assume_constant_result  # under torch.compile: evaluated (and the extension built) while tracing
 def extension_problem(device):
     """None when the extension can run on ``device`` (building it on first use), else a reason with the fix."""
     key = str(device)
     if key not in _problems:
         _problems[key] = _device_problem(torch.device(device))
     return _problems[key]
+
+
+# Under torch.compile: evaluated (and the extension built) while tracing.  This is what
+# torch.compiler.assume_constant_result sets; calling that at import time would import torch._dynamo (and triton).
+extension_problem._dynamo_marked_constant = True
 
 
 def load_library():
@@ -304,26 +310,17 @@ def load_library():
         raise BackendUnavailable(f"backend='cuda' cannot run here: {_failure}")
 
 
-def load_ops():
-    """The extension's ops (fastgan.ext_ops), with their fake kernels and autograd registered."""
-    load_library()
-    from . import ext_ops
-
-    return ext_ops
-
-
-def _build_in_subprocess(job):
+def compile_job():
+    """The build subprocess: compile the job given as JSON in argv[1]; on failure print the compiler's output
+    (without a traceback) and exit 1."""
     from torch.utils import cpp_extension
 
-    cpp_extension.load(name=NAME, sources=job["sources"], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
-                       extra_cuda_cflags=CUDA_CFLAGS, extra_include_paths=job["include_dirs"],
-                       build_directory=job["build_dir"], with_cuda=job["cuda"], is_python_module=False,
-                       verbose=job["verbose"])
-
-
-if __name__ == "__main__":
+    job = json.loads(sys.argv[1])
     try:
-        _build_in_subprocess(json.loads(sys.argv[1]))
-    except Exception as exc:  # print the compiler's output without a traceback
+        cpp_extension.load(name=NAME, sources=job["sources"], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                           extra_cuda_cflags=CUDA_CFLAGS, extra_include_paths=job["include_dirs"],
+                           build_directory=job["build_dir"], with_cuda=job["cuda"], is_python_module=False,
+                           verbose=job["verbose"])
+    except Exception as exc:
         print(exc, file=sys.stderr)
         sys.exit(1)

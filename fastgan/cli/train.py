@@ -21,10 +21,13 @@ import time
 
 import torch
 
-from . import backends, data, distributed, losses, presets
-from .checkpoint import load_checkpoint
-from .layers import fuse
-from .sample import CommandError, fail, parse_device, sample_noise, save_grid
+from ..nn import distributed, losses, presets
+from ..nn.checkpoint import load_checkpoint
+from ..nn.layers import fuse
+from ..ops import backends
+from ..usage import UsageError
+from . import data
+from .sample import sample_noise, save_grid
 
 CPU_BATCH, CPU_WIDTH_DIVISOR = 16, 4  # defaults without a GPU: batch 16, a quarter of the preset's widths
 N_FIXED = 64  # images in each sample grid
@@ -118,21 +121,21 @@ def resolve_settings(args, context, saved=None):
         d_steps=pick(args.d_steps, "d_steps", 5 if wgan else recipe.d_steps),
         g_steps=pick(args.g_steps, "g_steps", recipe.g_steps), noise=pick(args.noise, "noise", recipe.noise))
     if s.image_size != recipe.image_size:
-        raise CommandError(f"preset {preset} makes {recipe.image_size}x{recipe.image_size} images, not "
+        raise UsageError(f"preset {preset} makes {recipe.image_size}x{recipe.image_size} images, not "
                            f"--imageSize {s.image_size}; drop --imageSize or pick another --preset")
     if s.nc != nc:
-        raise CommandError(f"the run being resumed has {s.nc} channel(s) but --dataset {args.dataset} gives {nc}")
+        raise UsageError(f"the run being resumed has {s.nc} channel(s) but --dataset {args.dataset} gives {nc}")
     if s.batch_size % context.world_size or s.batch_size // context.world_size < 2:
-        raise CommandError(f"--batchSize {s.batch_size} must split into {context.world_size} process batches "
+        raise UsageError(f"--batchSize {s.batch_size} must split into {context.world_size} process batches "
                            "of 2 or more images (BatchNorm needs 2)")
     if s.label_smoothing and s.loss not in ("bce", "lsgan"):
-        raise CommandError(f"--label-smoothing applies to the bce and lsgan losses, not {s.loss}")
+        raise UsageError(f"--label-smoothing applies to the bce and lsgan losses, not {s.loss}")
     if not 0 <= s.label_smoothing < 1:
-        raise CommandError(f"--label-smoothing must be in [0, 1), got {s.label_smoothing}")
+        raise UsageError(f"--label-smoothing must be in [0, 1), got {s.label_smoothing}")
     if min(s.d_steps, s.g_steps) < 1:
-        raise CommandError("--d-steps and --g-steps must be 1 or more")
+        raise UsageError("--d-steps and --g-steps must be 1 or more")
     if args.sync_bn and context.distributed and s.loss == "wgan-gp":
-        raise CommandError("--sync-bn cannot be combined with --loss wgan-gp: the gradient penalty needs a "
+        raise UsageError("--sync-bn cannot be combined with --loss wgan-gp: the gradient penalty needs a "
                            "double backward, which the synchronised BatchNorm does not have")
     return s
 
@@ -311,11 +314,11 @@ class Run:
             self.dataset = data.make_dataset(args.dataset, args.dataroot, self.s.image_size, self.s.nc,
                                              args.builtin_images, args.builtin_seed)
         except data.DataError as exc:
-            raise CommandError(str(exc)) from None
+            raise UsageError(str(exc)) from None
         self.per_rank = self.s.batch_size // context.world_size
         self.steps_per_epoch = len(self.dataset) // context.world_size // self.per_rank
         if self.steps_per_epoch == 0:
-            raise CommandError(f"the dataset has {len(self.dataset)} images, fewer than one batch of "
+            raise UsageError(f"the dataset has {len(self.dataset)} images, fewer than one batch of "
                                f"{self.s.batch_size}; lower --batchSize")
         G, D, _ = presets.build(self.s.preset, self.s.nz, self.s.ngf, self.s.ndf, self.s.nc)
         for flag, model in (("--netG", G), ("--netD", D)):
@@ -354,22 +357,22 @@ class Run:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a damaged side file: say which and why
-            raise CommandError(f"cannot read {path} ({type(exc).__name__}: {exc}); delete it to start the "
+            raise UsageError(f"cannot read {path} ({type(exc).__name__}: {exc}); delete it to start the "
                                "epochs over with these weights") from None
 
     def _load_weights(self, flag, path, model):
         if not os.path.isfile(path):
-            raise CommandError(f"{flag} {path} does not exist")
+            raise UsageError(f"{flag} {path} does not exist")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # pickle, zip and torch errors alike: the file is not a checkpoint
-            raise CommandError(f"{flag} {path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+            raise UsageError(f"{flag} {path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
         if not isinstance(state, dict):
-            raise CommandError(f"{flag} {path} holds a {type(state).__name__}, not a state_dict")
+            raise UsageError(f"{flag} {path} holds a {type(state).__name__}, not a state_dict")
         try:
             load_checkpoint(model, state)
         except ValueError as exc:
-            raise CommandError(f"{flag} {path} does not fit preset {self.s.preset} with nz={self.s.nz} "
+            raise UsageError(f"{flag} {path} does not fit preset {self.s.preset} with nz={self.s.nz} "
                                f"ngf={self.s.ngf} ndf={self.s.ndf} nc={self.s.nc}: {exc}") from None
 
     def describe(self):
@@ -444,7 +447,7 @@ class Run:
         for real, failed in loader:
             self.failed.update(failed)
             if real is None:
-                raise CommandError("every image of a batch failed to decode; check the files under "
+                raise UsageError("every image of a batch failed to decode; check the files under "
                                    f"--dataroot {args.dataroot}")
             if self.step == 0 and c.main:
                 save_grid(real[:N_FIXED], os.path.join(args.outf, "real_samples.png"))
@@ -484,12 +487,9 @@ class Run:
 
 
 def run(args):
-    try:
-        context = distributed.setup(parse_device(args.device))
-        backends.resolve(args.backend, context.device)
-        train = Run(args, context)
-    except (CommandError, backends.BackendUnavailable) as exc:
-        raise fail("train", exc) from None
+    context = distributed.setup(backends.parse_device(args.device))
+    backends.resolve(args.backend, context.device)
+    train = Run(args, context)
     try:
         return _run(args, context, train)
     finally:
@@ -515,8 +515,6 @@ def _run(args, context, train):
         if context.main:
             print(f"\ninterrupted at step {train.step}: saved {', '.join(written)}", file=sys.stderr)
         raise SystemExit(130) from None
-    except CommandError as exc:
-        raise fail("train", exc) from None
     failed = train.failed_files()
     if context.main:
         if failed:

@@ -6,10 +6,7 @@ tensor reaches memory.  Backward mirrors it: each dgrad writes g = dy*act' of th
 backward sums, and the next dgrad/wgrad apply the BN backward map on load.  The last layer's BN + activation
 runs as fastgan's fused bn_act op, so the chain's output is what the Sequential would give.
 
-A layer runs at L2 when its conv is a 4x4 Conv2d/ConvTranspose2d without bias, groups or dilation, with
-stride 2 and padding 1 (even input size for Conv2d), or the end layers 4x4 -> 1x1 (Conv2d k4s1p0) and
-1x1 -> 4x4 (ConvTranspose2d k4s1p0); its BatchNorm2d (if any) uses batch statistics; and the backend is
-triton.  Everything else in the Sequential runs at L1 (fastgan.functional.conv_bn_act).
+Which layers of a model run as a chain is decided in fastgan.nn.fused_conv.
 
 Ops (namespace ``fastgan``):
 
@@ -24,17 +21,14 @@ Ops (namespace ``fastgan``):
     -> (dx, dweights, dgammas, dbetas), the gradients of the chain given dz = dL/dz.  ``needs`` = [x, each
     weight, the BN parameters] as 0/1; an unneeded gradient is an empty tensor.
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from . import backends
-from .functional import bn_module_args, conv_bn_act
-from .layers import FusedSequential, FusedStep
-from .ops import ACTIVATIONS
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from ..kernels import outputs
+from ..kernels.geometry import Geometry
+from .contract import stat_dtype
 
 
 class Link(NamedTuple):
@@ -52,8 +46,6 @@ class Link(NamedTuple):
 
     @property
     def geometry(self):
-        from .kernels.conv_gemm import Geometry
-
         return Geometry(self.up, self.stride, self.padding)
 
 
@@ -94,10 +86,6 @@ def _last_format(x):
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _stat_dtype(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _saved_sizes(links, shapes):
     """Elements of the flat zs and stats buffers."""
     zs = sum(N * C * H * W for N, C, H, W in shapes[:-1])
@@ -125,14 +113,13 @@ def saved_views(links, shapes, zs, stats):
 def conv_chain(x: Tensor, weights: list[Tensor], gammas: list[Tensor], betas: list[Tensor],
                running_means: list[Tensor], running_vars: list[Tensor], layout: list[int], scalars: list[float],
                allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
-    from .kernels import conv_gemm as cg
-    from .kernels import outputs
+    from ..kernels import conv_gemm as cg
 
     links = decode(layout, scalars)
     shapes = _shapes(x, weights, links)
     n_zs, n_stats = _saved_sizes(links, shapes)
     zs = outputs.empty(n_zs, device=x.device, dtype=x.dtype)
-    stats = outputs.empty(n_stats, device=x.device, dtype=_stat_dtype(x))
+    stats = outputs.empty(n_stats, device=x.device, dtype=stat_dtype(x))
     z_views, bn = saved_views(links, shapes, zs, stats)
     z_views.append(outputs.empty(shapes[-1], device=x.device, dtype=x.dtype, memory_format=_last_format(x)))
     gammas, betas, running_means, running_vars = map(iter, (gammas, betas, running_means, running_vars))
@@ -155,15 +142,14 @@ def _conv_chain_fake(x, weights, gammas, betas, running_means, running_vars, lay
     shapes = _shapes(x, weights, links)
     n_zs, n_stats = _saved_sizes(links, shapes)
     z = torch.empty(shapes[-1], dtype=x.dtype, device=x.device, memory_format=_last_format(x))
-    return z, x.new_empty(n_zs), x.new_empty(n_stats, dtype=_stat_dtype(x))
+    return z, x.new_empty(n_zs), x.new_empty(n_stats, dtype=stat_dtype(x))
 
 
 @torch.library.custom_op("fastgan::conv_chain_backward", mutates_args=())
 def conv_chain_backward(dz: Tensor, x: Tensor, weights: list[Tensor], gammas: list[Tensor], zs: Tensor,
                         stats: Tensor, layout: list[int], scalars: list[float], needs: list[int],
                         allow_tf32: bool) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
-    from .kernels import conv_gemm as cg
-    from .kernels import outputs
+    from ..kernels import conv_gemm as cg
 
     links = decode(layout, scalars)
     zs, bn = saved_views(links, _shapes(x, weights, links), zs, stats)
@@ -249,129 +235,3 @@ class ConvChain(torch.autograd.Function):
         grads = [*dweights, *dgammas, *dbetas]
         return (dx if need_x else None, None, None, None, None, None, None, None,
                 *(g if need else None for g, need in zip(grads, need_params)))
-
-
-# ----------------------------------------------------------------------------- FusedSequential at L2
-
-def set_level(model, level):
-    """Set the fusion level ("L1" or "L2") of every FusedSequential in ``model``; returns ``model``."""
-    if level not in ("L1", "L2"):
-        raise ValueError(f"level must be 'L1' or 'L2', got {level!r}")
-    for module in model.modules():
-        if isinstance(module, FusedSequential):
-            module.level = level
-    return model
-
-
-class _Layer(NamedTuple):
-    """A conv -> BN? -> activation step of a FusedSequential that runs in a chain."""
-    conv: nn.Module
-    bn: Optional[nn.BatchNorm2d]
-    act: str
-    slope: float
-    geometry: tuple  # kernels.conv_gemm.Geometry
-    out_hw: tuple
-
-
-def _geometry(conv, hw):
-    """The kernels' Geometry of ``conv`` on an input of spatial size ``hw`` when it runs at L2, else None."""
-    if type(conv) not in (nn.Conv2d, nn.ConvTranspose2d) or conv.bias is not None or conv.groups != 1:
-        return None
-    if conv.kernel_size != (4, 4) or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
-        return None
-    from .kernels.conv_gemm import Geometry
-
-    up = type(conv) is nn.ConvTranspose2d
-    if up and conv.output_padding != (0, 0):
-        return None
-    if conv.stride == (2, 2) and conv.padding == (1, 1) and (up or (hw[0] % 2 == 0 and hw[1] % 2 == 0)):
-        return Geometry(up, 2, 1)
-    if conv.stride == (1, 1) and conv.padding == (0, 0) and tuple(hw) == ((1, 1) if up else (4, 4)):
-        return Geometry(up, 4, 0)
-    return None
-
-
-def _batch_stats_bn(bn):
-    return (bn is None or (type(bn) is nn.BatchNorm2d and getattr(bn, "process_group", None) is None
-                           and (bn.training or (bn.running_mean is None and bn.running_var is None))))
-
-
-def _extension(seq, x, chain, conv, bn):
-    """(Geometry, output size) with which ``conv`` (-> ``bn``) extends ``chain`` (or starts one on x), or None."""
-    if chain:
-        channels, hw = chain[-1].conv.out_channels, chain[-1].out_hw
-    elif (isinstance(x, Tensor) and x.dim() == 4 and x.dtype in _FLOATS
-          and backends.resolve(seq.backend, x.device) == "triton"):
-        channels, hw = x.shape[1], tuple(x.shape[2:])
-    else:
-        return None
-    geometry = _geometry(conv, hw)
-    if geometry is None or conv.in_channels != channels or not _batch_stats_bn(bn):
-        return None
-    return geometry, geometry.out_size(*hw)
-
-
-def sequential_forward(seq, x, end):
-    """FusedSequential.forward at level L2: maximal runs of eligible layers as chains, the rest at L1."""
-    modules, chain = seq._modules, []
-    for step in seq._steps:
-        if isinstance(step, FusedStep):
-            if step.last >= end:
-                break
-            conv, bn, act, slope = modules[step.conv], modules[step.bn] if step.bn else None, step.act, step.slope
-        else:
-            if seq._index[step] >= end:
-                break
-            conv, bn, act, slope = modules[step], None, "none", 0.0
-        extension = _extension(seq, x, chain, conv, bn)
-        if extension is not None:
-            chain.append(_Layer(conv, bn, act, slope, *extension))
-            continue
-        x = _run_chain(x, chain)
-        chain = []
-        x = conv_bn_act(x, conv, bn, act, slope, seq.backend) if isinstance(step, FusedStep) else modules[step](x)
-    return _run_chain(x, chain)
-
-
-def _run_chain(x, chain):
-    """Run the _Layers of ``chain`` on x with conv_chain, then the last layer's BN + activation."""
-    if not chain:
-        return x
-    from . import ops
-
-    weights = [layer.conv.weight for layer in chain]
-    dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weights = x.to(dtype), [w.to(dtype) for w in weights]
-    for i, w in enumerate(weights):
-        if w.dtype != dtype or w.device != x.device:
-            raise ValueError(f"layer {i} of the chain has {w.dtype} weights on {w.device} but its input is {dtype} "
-                             f"on {x.device}; convert the model and the input to one dtype and device")
-    links, gammas, betas, running_means, running_vars = [], [], [], [], []
-    for k, layer in enumerate(chain):
-        act = ACTIVATIONS[layer.act]
-        if layer.bn is None:
-            links.append(Link(*layer.geometry, False, False, False, act, layer.slope, 0.0, 0.0))
-            continue
-        shape = (x.shape[0], layer.conv.out_channels, *layer.out_hw)
-        args = bn_module_args(layer.bn, torch.empty(shape, device="meta"))
-        affine = args["weight"] is not None and k < len(chain) - 1
-        track = args["running_mean"] is not None
-        if affine:
-            gammas.append(args["weight"])
-            betas.append(args["bias"])
-        if track:
-            running_means.append(args["running_mean"])
-            running_vars.append(args["running_var"])
-        links.append(Link(*layer.geometry, True, affine, track, act, layer.slope, args["momentum"], args["eps"]))
-    z, zs, stats = ConvChain.apply(x, len(weights), len(gammas), running_means, running_vars, *encode(links),
-                                   torch.backends.cudnn.allow_tf32, *weights, *gammas, *betas)
-    last, C = chain[-1], chain[-1].conv.out_channels
-    if last.bn is not None:
-        mean, invstd = stats[-5 * C:-3 * C].view(2, C)  # saved_views' layout: the last BN's stats, then its map
-        return ops.bn_act(z, mean, invstd, last.bn.weight, last.bn.bias, True, ACTIVATIONS[last.act],
-                          float(last.slope))
-    if last.act != "none":
-        return ops.bn_act(z, None, None, None, None, False, ACTIVATIONS[last.act], float(last.slope))
-    return z

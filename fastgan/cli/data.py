@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..usage import UsageError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-class DataError(Exception):
+class DataError(UsageError):
     """The data cannot be used as asked; the message says why and what to do."""
 
 

@@ -2,7 +2,7 @@
 
 Prints where the library is and the parts it holds: cpu, and cuda with its GPU archs.
 TORCH_CUDA_ARCH_LIST, CUDA_HOME and FASTGAN_CACHE_DIR change what is built and where."""
-from . import _build
+from ..ops import extension
 
 
 def add_arguments(parser):
@@ -11,8 +11,8 @@ def add_arguments(parser):
 
 def run(args):
     try:
-        info = _build.build(verbose=args.verbose)
-    except _build.BuildError as exc:
+        info = extension.build(verbose=args.verbose)
+    except extension.BuildError as exc:
         raise SystemExit(f"fastgan: {exc}") from None
     print(f"library: {info.library}")
     print(f"parts:   {', '.join(info.parts)}")

@@ -26,9 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import backends, flops, fused_conv, reference
-from .layers import FusedStep, plan
-from .models import DCGAN
+from ..nn import fused_conv, reference
+from ..nn.models import DCGAN
+from ..nn.plan import FusedStep, plan
+from ..ops import backends
+from . import flops
 
 FASTGAN_BACKENDS = tuple(b for b in backends.BACKENDS if b != "auto")
 COMPILE_MODES = ("default", "max-autotune")

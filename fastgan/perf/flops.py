@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import reference
+from ..nn import reference
 
 GEMM_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
