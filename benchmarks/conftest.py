@@ -1,4 +1,4 @@
-"""pytest-benchmark suites: fastgan beside its peers, protocol of DESIGN.md section 6.
+"""pytest-benchmark suites: fastgan beside its peers, protocol of docs/design.md section 7.
 
 On a GPU every configuration runs, timed by a timer that waits for the device (fastgan.bench.
 device_timer), after a timed first call (compilation, reported as extra_info["first_call_s"]) and

@@ -1,4 +1,4 @@
-"""Test helpers: what runs here, the tolerances of DESIGN.md section 5, and the comparisons."""
+"""Test helpers: what runs here, the tolerances of docs/design.md section 6, and the comparisons."""
 import pytest
 import torch
 
@@ -8,7 +8,7 @@ HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = backends.triton_import_error() is None
 INTERPRETER = backends.interpreter_enabled()
 
-# DESIGN.md section 5.  rel_l2: ||a-b|| / ||b||.
+# docs/design.md section 6.  rel_l2: ||a-b|| / ||b||.
 TOLERANCES = {
     "fp32": dict(atol=1e-4, rtol=1e-4, rel_l2=1e-3),  # exact fp32 (TF32 off)
     "tf32": dict(atol=None, rtol=None, rel_l2=3e-3),
@@ -23,7 +23,7 @@ def rel_l2(actual, expected):
 
 
 def assert_close(actual, expected, mode="fp32", what="output", grad=False):
-    """Compare with the tolerances of DESIGN.md section 5; NaN never passes."""
+    """Compare with the tolerances of docs/design.md section 6; NaN never passes."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert not torch.isnan(actual).any(), f"{what}: NaN in the result"
     tol = TOLERANCES[mode]

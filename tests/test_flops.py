@@ -1,4 +1,4 @@
-"""fastgan.flops: the analytic FLOP count against DESIGN.md section 4 and against torch's FlopCounterMode."""
+"""fastgan.flops: the analytic FLOP count against docs/design.md section 5 and against torch's FlopCounterMode."""
 import pytest
 import torch
 from torch import nn
@@ -10,7 +10,7 @@ from fastgan.perf import flops
 
 
 def test_dcgan_floor_is_the_design_figure():
-    # DESIGN.md section 4: batch 128, 64x64, ngf=ndf=64: about 318 GFLOP, about 291 without D wgrads in the G step.
+    # docs/design.md section 5: batch 128, 64x64, ngf=ndf=64: about 318 GFLOP, about 291 without D wgrads in the G step.
     full = flops.dcgan_step_flops(128)
     lean = flops.dcgan_step_flops(128, d_weight_grads_in_g_step=False)
     assert full.total / 1e9 == pytest.approx(318, abs=1)

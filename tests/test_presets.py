@@ -1,4 +1,4 @@
-"""Presets (DESIGN.md section 7): fastgan.fuse of each reference nn.Sequential against the reference itself,
+"""Presets (docs/design.md section 8): fastgan.fuse of each reference nn.Sequential against the reference itself,
 after a train-mode forward and backward (output, input grad, every parameter grad, running stats) and
 in eval mode; the torch backend at the recipes' widths, Triton (interpreted on CPU) at tiny ones."""
 import copy

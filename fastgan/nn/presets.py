@@ -1,4 +1,4 @@
-"""The classic DCGAN variants (DESIGN.md section 7) as reference nn.Sequential builders with their recipes.
+"""The classic DCGAN variants (docs/design.md section 8) as reference nn.Sequential builders with their recipes.
 
     G, D, recipe = fastgan.presets.build("avatar48")   # plain torch modules, DCGAN init
     G, D = fastgan.fuse(G), fastgan.fuse(D)              # same parameters, fused forward and backward

@@ -1,6 +1,6 @@
 """Time one examples/dcgan train step of each implementation side by side, and print the table.
 
-The peers run in this one process, one after another (DESIGN.md section 6): "eager", the
+The peers run in this one process, one after another (docs/design.md section 7): "eager", the
 reference models of fastgan.reference in eager PyTorch; "compile" and "compile-max-autotune",
 torch.compile of the reference G and D in the default and max-autotune modes; and
 "fastgan-<backend>", fastgan.DCGAN with the torch, triton or cuda backend; and on a GPU the
@@ -84,7 +84,7 @@ def fastgan_peer(backend, level="L1", cuda_graph=False):
 
 
 def fusion_peers(fastgan_backends=FASTGAN_BACKENDS):
-    """The step-level peers of the fusion plan (DESIGN.md section 4), on the triton backend."""
+    """The step-level peers of the fusion plan (docs/design.md section 5), on the triton backend."""
     if "triton" not in fastgan_backends:
         return []
     return [fastgan_peer("triton", cuda_graph=True), fastgan_peer("triton", "L2"),

@@ -1,4 +1,4 @@
-"""FLOP counts from layer shapes: the analytic floor of a DCGAN train step (DESIGN.md section 4).
+"""FLOP counts from layer shapes: the analytic floor of a DCGAN train step (docs/design.md section 5).
 
 Only convolutions and linear layers (the GEMMs) count, at 2 FLOPs per multiply-add. BatchNorm,
 activations, losses and Adam are memory-bound and add well under 1% to the total. Per layer:
