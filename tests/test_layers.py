@@ -1,4 +1,4 @@
-"""The package's layering (docs/design.md, "Layout"): imports run one way, cli -> perf -> nn -> ops -> kernels,
+"""The package's layering (docs/design.md section 2): imports run one way, cli -> perf -> nn -> ops -> kernels,
 with no import cycles, function-local imports included (so none can hide a cycle)."""
 import ast
 import pathlib

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..usage import UsageError
 
-LEVELS = ("L1", "L2")  # fusion levels of a FusedSequential; see docs/design.md, "Fusion levels"
+LEVELS = ("L1", "L2")  # fusion levels of a FusedSequential; see docs/design.md section 5
 
 
 def check_level(level):
