@@ -9,9 +9,11 @@ the launcher makes the tile long in l for NCHW and wide in c for channels_last.
 Statistics:         partial Welford moments per (batch split, channel) -> finalize
                     (mean, invstd, running-stat update).
 Forward:            y = act(z*scale + shift), from batch or running statistics.
-Backward:           reduce sum(g), sum(g*xhat) per split -> apply dz, where
-                    g = dy*act'(pre) is recomputed from z; y is never read.
-Without BN the forward and backward are a single elementwise pass.
+Backward:           reduce sum(g), sum(g*xhat) per split -> finalize (the per-channel sums, each
+                    partial read once) -> apply dz, where g = dy*act'(pre) is recomputed from z;
+                    y is never read.
+Without BN the forward and backward are a single elementwise pass.  The elementwise passes run on a
+1-D grid (axes y and z hold at most 65,535 programs); every index is int32, which the launchers check.
 
 ACT (a constexpr): 0 none, 1 relu, 2 leaky_relu(slope), 3 tanh, as in fastgan.ops.ACTIVATIONS.
 """
@@ -66,6 +68,15 @@ def _tile(n0, l0, c0, N, L, C, s_n, s_l, s_c,
     l = l0 + tl.arange(0, BLOCK_L)[None, :, None]
     c = c0 + tl.arange(0, BLOCK_C)[None, None, :]
     return n * s_n + l * s_l + c * s_c, (n < N) & (l < L) & (c < C)
+
+
+@triton.jit
+def _tile_origin(N, L, C, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(n0, l0, c0) of this program's tile: the 1-D grid runs over the tiles with c fastest, then l, then n."""
+    pid = tl.program_id(0)
+    c_tiles = tl.cdiv(C, BLOCK_C)
+    l_tiles = tl.cdiv(L, BLOCK_L)
+    return (pid // (c_tiles * l_tiles)) * BLOCK_N, (pid // c_tiles % l_tiles) * BLOCK_L, (pid % c_tiles) * BLOCK_C
 
 
 @triton.jit
@@ -160,9 +171,8 @@ def _forward_kernel(z_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, N,
                     NORMALIZE: tl.constexpr, AFFINE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
     """y = act(z*scale + shift), scale = gamma*invstd, shift = beta - mean*scale (identity without BN)."""
-    c0 = tl.program_id(0) * BLOCK_C
-    offs, mask = _tile(tl.program_id(2) * BLOCK_N, tl.program_id(1) * BLOCK_L, c0, N, L, C, s_n, s_l, s_c,
-                       BLOCK_N, BLOCK_L, BLOCK_C)
+    n0, l0, c0 = _tile_origin(N, L, C, BLOCK_N, BLOCK_L, BLOCK_C)
+    offs, mask = _tile(n0, l0, c0, N, L, C, s_n, s_l, s_c, BLOCK_N, BLOCK_L, BLOCK_C)
     pre = tl.load(z_ptr + offs, mask=mask, other=0.0).to(ACC)
     if NORMALIZE:
         cols = c0 + tl.arange(0, BLOCK_C)
@@ -204,15 +214,31 @@ def _backward_reduce_kernel(dy_ptr, z_ptr, mean_ptr, invstd_ptr, weight_ptr, bia
 
 
 @triton.jit
-def _backward_kernel(dy_ptr, z_ptr, dz_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, sum_g_part_ptr,
-                     sum_gx_part_ptr, dweight_ptr, dbias_ptr, N, L, C, s_n, s_l, s_c, g_n, g_l, g_c, slope,
-                     n_splits, NORMALIZE: tl.constexpr, BATCH_STATS: tl.constexpr, AFFINE: tl.constexpr,
-                     ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
-                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def _backward_finalize_kernel(sum_g_part_ptr, sum_gx_part_ptr, sum_g_ptr, sum_gx_ptr, C, n_splits,
+                              BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """sum(g) and sum(g*xhat) per channel from the split partials, each partial read once."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    sum_g = tl.zeros([BLOCK_C], sum_g_ptr.dtype.element_ty)
+    sum_gx = tl.zeros([BLOCK_C], sum_gx_ptr.dtype.element_ty)
+    for s0 in range(0, n_splits, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        offs = splits[:, None] * C + cols[None, :]
+        mask = (splits < n_splits)[:, None] & col_mask[None, :]
+        sum_g += tl.sum(tl.load(sum_g_part_ptr + offs, mask=mask, other=0.0), 0)
+        sum_gx += tl.sum(tl.load(sum_gx_part_ptr + offs, mask=mask, other=0.0), 0)
+    tl.store(sum_g_ptr + cols, sum_g, mask=col_mask)
+    tl.store(sum_gx_ptr + cols, sum_gx, mask=col_mask)
+
+
+@triton.jit
+def _backward_kernel(dy_ptr, z_ptr, dz_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, sum_g_ptr, sum_gx_ptr,
+                     N, L, C, s_n, s_l, s_c, g_n, g_l, g_c, slope,
+                     NORMALIZE: tl.constexpr, BATCH_STATS: tl.constexpr, AFFINE: tl.constexpr, ACT: tl.constexpr,
+                     ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
     """dz = gamma*invstd*(g - sum(g)/M - xhat*sum(g*xhat)/M) (batch stats), gamma*invstd*g (running stats),
-    or g (no BN). The first tile of each channel block also writes dgamma = sum(g*xhat), dbeta = sum(g)."""
-    c0 = tl.program_id(0) * BLOCK_C
-    n0, l0 = tl.program_id(2) * BLOCK_N, tl.program_id(1) * BLOCK_L
+    or g (no BN); sum(g), sum(g*xhat) per channel come from the finalize."""
+    n0, l0, c0 = _tile_origin(N, L, C, BLOCK_N, BLOCK_L, BLOCK_C)
     offs, mask = _tile(n0, l0, c0, N, L, C, s_n, s_l, s_c, BLOCK_N, BLOCK_L, BLOCK_C)
     g_offs, _ = _tile(n0, l0, c0, N, L, C, g_n, g_l, g_c, BLOCK_N, BLOCK_L, BLOCK_C)
     z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -222,19 +248,12 @@ def _backward_kernel(dy_ptr, z_ptr, dz_ptr, mean_ptr, invstd_ptr, weight_ptr, bi
         col_mask = cols < C
         mean, invstd, gamma, beta = _channel_affine(mean_ptr, invstd_ptr, weight_ptr, bias_ptr, cols, col_mask,
                                                     AFFINE)
-        splits = tl.arange(0, BLOCK_S)
-        part_offs = splits[:, None] * C + cols[None, :]
-        part_mask = (splits < n_splits)[:, None] & col_mask[None, :]
-        sum_g = tl.sum(tl.load(sum_g_part_ptr + part_offs, mask=part_mask, other=0.0), 0)
-        sum_gx = tl.sum(tl.load(sum_gx_part_ptr + part_offs, mask=part_mask, other=0.0), 0)
-        if AFFINE:
-            if (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
-                tl.store(dweight_ptr + cols, sum_gx, mask=col_mask)
-                tl.store(dbias_ptr + cols, sum_g, mask=col_mask)
         xhat = (z - _per_channel(mean)) * _per_channel(invstd)
         g = _activation_grad(dy, xhat * _per_channel(gamma) + _per_channel(beta), slope, ACT)
         if BATCH_STATS:
             M = N * L
+            sum_g = tl.load(sum_g_ptr + cols, mask=col_mask, other=0.0)
+            sum_gx = tl.load(sum_gx_ptr + cols, mask=col_mask, other=0.0)
             g = g - _per_channel(sum_g / M) - xhat * _per_channel(sum_gx / M)
         dz = g * _per_channel(gamma * invstd)
     else:
@@ -292,10 +311,23 @@ def _splits(N, C, block_n, block_c, device):
     return triton.cdiv(N, n_per_split), n_per_split
 
 
-def _geometry(z):
-    if z.numel() >= 2**31:
-        raise ValueError(f"bn_act indexes with int32: a tensor of {z.numel()} elements is too large; "
+INT32_MAX = 2**31 - 1
+
+
+def _check_int32(name, t):
+    """The kernels index with int32: t's elements, and the offset of its furthest one, must fit."""
+    if t.numel() > INT32_MAX:
+        raise ValueError(f"bn_act indexes with int32: {name} has {t.numel()} elements, more than 2**31 - 1; "
                          "split the batch")
+    reach = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
+    if reach > INT32_MAX:
+        raise ValueError(f"bn_act indexes with int32: {name} (shape {tuple(t.shape)}, strides {t.stride()}) "
+                         f"reaches element {reach}, past 2**31 - 1; pass it contiguous, or split the batch")
+
+
+def _geometry(z):
+    """(N, L, C) of z; checks its size against int32 (before any copy of it is made)."""
+    _check_int32("z", z)
     N, C = z.shape[:2]
     return N, (z.numel() // (N * C) if N * C else 0), C
 
@@ -308,8 +340,8 @@ def channel_stats(z, running_mean, running_var, momentum, eps):
     """Per-channel batch (mean, invstd) of z, fp32 (fp64 for fp64 z), shape (C,), from the biased variance.
 
     Updates running_mean/var in place (unbiased variance) when given."""
-    z = _dense(z)
     N, L, C = _geometry(z)
+    z = _dense(z)
     z, strides = _nlc(z)
     block_n, block_l, block_c = _tiles(N, L, C, strides[2])
     n_splits, n_per_split = _splits(N, C, block_n, block_c, z.device)
@@ -329,13 +361,14 @@ def channel_stats(z, running_mean, running_var, momentum, eps):
 
 
 def _elementwise_grid(N, L, C, block_n, block_l, block_c):
-    return triton.cdiv(C, block_c), triton.cdiv(L, block_l), triton.cdiv(N, block_n)
+    """One program per tile, all on axis 0: at most z.numel() programs, within its 2**31 - 1."""
+    return (triton.cdiv(C, block_c) * triton.cdiv(L, block_l) * triton.cdiv(N, block_n),)
 
 
 def bn_act_forward(z, mean, invstd, weight, bias, act, slope):
     """y = act((z - mean)*invstd*weight + bias), or act(z) when mean is None; z's dtype and layout."""
-    z = _dense(z)
     N, L, C = _geometry(z)
+    z = _dense(z)
     y = outputs.empty_like(z)
     (z, strides), (y_rows, _) = _nlc(z), _nlc(y)
     blocks = _tiles(N, L, C, strides[2])
@@ -351,30 +384,38 @@ def bn_act_forward(z, mean, invstd, weight, bias, act, slope):
 
 def bn_act_backward(dy, z, mean, invstd, weight, bias, batch_stats, act, slope):
     """Returns (dz, dweight, dbias).  dz has z's dtype and layout; dweight/dbias have mean's dtype and
-    shape (C,), or are empty without an affine BN.  ``batch_stats``: mean/invstd came from this batch."""
-    z = _dense(z)
+    shape (C,), or are empty without an affine BN.  ``batch_stats``: mean/invstd came from this batch.
+
+    With BN: the reduce writes sum(g), sum(g*xhat) per (batch split, channel), the finalize sums the splits
+    once per channel (into dbias, dweight), and the elementwise pass reads those (C,) sums."""
     N, L, C = _geometry(z)
+    _check_int32("dy", dy)
+    dy, dy_strides = _nlc(dy)
+    z = _dense(z)
     dz = outputs.empty_like(z)
-    (z, strides), (dy, dy_strides), (dz_rows, _) = _nlc(z), _nlc(dy), _nlc(dz)
+    (z, strides), (dz_rows, _) = _nlc(z), _nlc(dz)
     block_n, block_l, block_c = _tiles(N, L, C, strides[2])
     normalize, affine = mean is not None, weight is not None
     stat_dtype = mean.dtype if normalize else _stat_dtype(z)
-    dweight = outputs.empty((C if affine else 0,), device=z.device, dtype=stat_dtype)
-    dbias = outputs.empty_like(dweight)
     dummy = z
-    n_splits, sum_g_part, sum_gx_part = 1, dummy, dummy
-    if normalize:
+    sum_g = sum_gx = dummy
+    if normalize and (batch_stats or affine):
         n_splits, n_per_split = _splits(N, C, block_n, block_c, z.device)
-        sum_g_part = outputs.empty((n_splits, C), device=z.device, dtype=stat_dtype)
-        sum_gx_part = outputs.empty_like(sum_g_part)
+        sum_g, sum_gx = (outputs.empty((C,), device=z.device, dtype=stat_dtype) for _ in range(2))
+        parts = (sum_g, sum_gx)  # one split: the reduce writes the sums themselves
+        if n_splits > 1:
+            parts = tuple(outputs.empty((n_splits, C), device=z.device, dtype=stat_dtype) for _ in range(2))
         _backward_reduce_kernel[(triton.cdiv(C, block_c), n_splits)](
-            dy, z, mean, invstd, weight if affine else dummy, bias if affine else dummy, sum_g_part, sum_gx_part,
+            dy, z, mean, invstd, weight if affine else dummy, bias if affine else dummy, *parts,
             N, L, C, *strides, *dy_strides, slope, n_per_split,
             AFFINE=affine, ACT=act, BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_C=block_c)
+        if n_splits > 1:
+            _backward_finalize_kernel[(triton.cdiv(C, 64),)](*parts, sum_g, sum_gx, C, n_splits, BLOCK_S=32, BLOCK_C=64)
     _backward_kernel[_elementwise_grid(N, L, C, block_n, block_l, block_c)](
         dy, z, dz_rows, mean if normalize else dummy, invstd if normalize else dummy, weight if affine else dummy,
-        bias if affine else dummy, sum_g_part, sum_gx_part, dweight if affine else dummy, dbias if affine else dummy,
-        N, L, C, *strides, *dy_strides, slope, n_splits,
+        bias if affine else dummy, sum_g, sum_gx, N, L, C, *strides, *dy_strides, slope,
         NORMALIZE=normalize, BATCH_STATS=batch_stats, AFFINE=affine, ACT=act, ACC=_acc_dtype(z),
-        BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_C=block_c, BLOCK_S=triton.next_power_of_2(n_splits))
-    return dz, dweight, dbias
+        BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_C=block_c)
+    if not affine:
+        return dz, *(outputs.empty((0,), device=z.device, dtype=stat_dtype) for _ in range(2))
+    return dz, sum_gx, sum_g  # dweight = sum(g*xhat), dbias = sum(g)

@@ -88,6 +88,23 @@ def test_many_splits(device, channels_last):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_more_splits_than_one_finalize_chunk(channels_last, monkeypatch):
+    """40 batch splits: the backward finalize sums its partials in two chunks (of 32); small tiles and a large
+    device make the launchers split that finely."""
+    needs_triton_here("cpu")
+    from fastgan.kernels import bn_act
+
+    monkeypatch.setattr(bn_act, "TILE", 16)
+    monkeypatch.setattr(bn_act, "_target_programs", lambda device: 1024)
+    z, params, dy = _case((40, 3, 4, 4), torch.float32, "cpu", channels_last, affine=True, normalize=True)
+    N, L, C = 40, 16, 3
+    block_n, _, block_c = bn_act._tiles(N, L, C, 1 if channels_last else L)
+    assert bn_act._splits(N, C, block_n, block_c, z.device)[0] == 40
+    _compare(z, params, dy, "fp32", normalize=True, batch_stats=True, act="tanh", slope=0.0)
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("act,slope", ACTS)
 def test_activation_only(device, act, slope):

@@ -29,6 +29,7 @@ from torch import Tensor
 from ..kernels import outputs
 from ..kernels.geometry import Geometry
 from .contract import stat_dtype
+from .triton_ops import launch_guard
 
 
 class Link(NamedTuple):
@@ -115,25 +116,26 @@ def conv_chain(x: Tensor, weights: list[Tensor], gammas: list[Tensor], betas: li
                allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
     from ..kernels import conv_gemm as cg
 
-    links = decode(layout, scalars)
-    shapes = _shapes(x, weights, links)
-    n_zs, n_stats = _saved_sizes(links, shapes)
-    zs = outputs.empty(n_zs, device=x.device, dtype=x.dtype)
-    stats = outputs.empty(n_stats, device=x.device, dtype=stat_dtype(x))
-    z_views, bn = saved_views(links, shapes, zs, stats)
-    z_views.append(outputs.empty(shapes[-1], device=x.device, dtype=x.dtype, memory_format=_last_format(x)))
-    gammas, betas, running_means, running_vars = map(iter, (gammas, betas, running_means, running_vars))
-    src = cg.Operand(x)
-    for k, (link, weight, z) in enumerate(zip(links, weights, z_views)):
-        partials = cg.conv(src, weight, link.geometry, z, cg.EPI_STATS if link.bn else cg.EPI_STORE,
-                           allow_tf32=allow_tf32)
-        coef = None
-        if link.bn:
-            gamma, beta = (next(gammas), next(betas)) if link.affine else (None, None)
-            running = (next(running_means), next(running_vars)) if link.track else (None, None)
-            coef = cg.finalize_stats(partials, gamma, beta, *running, link.momentum, link.eps, out=bn[k])[1]
-        src = cg.Operand(z, coef, act=link.act, slope=link.slope)
-    return z_views[-1], zs, stats
+    with launch_guard("conv_chain", x, weights, gammas, betas, running_means, running_vars):
+        links = decode(layout, scalars)
+        shapes = _shapes(x, weights, links)
+        n_zs, n_stats = _saved_sizes(links, shapes)
+        zs = outputs.empty(n_zs, device=x.device, dtype=x.dtype)
+        stats = outputs.empty(n_stats, device=x.device, dtype=stat_dtype(x))
+        z_views, bn = saved_views(links, shapes, zs, stats)
+        z_views.append(outputs.empty(shapes[-1], device=x.device, dtype=x.dtype, memory_format=_last_format(x)))
+        gammas, betas, running_means, running_vars = map(iter, (gammas, betas, running_means, running_vars))
+        src = cg.Operand(x)
+        for k, (link, weight, z) in enumerate(zip(links, weights, z_views)):
+            partials = cg.conv(src, weight, link.geometry, z, cg.EPI_STATS if link.bn else cg.EPI_STORE,
+                               allow_tf32=allow_tf32)
+            coef = None
+            if link.bn:
+                gamma, beta = (next(gammas), next(betas)) if link.affine else (None, None)
+                running = (next(running_means), next(running_vars)) if link.track else (None, None)
+                coef = cg.finalize_stats(partials, gamma, beta, *running, link.momentum, link.eps, out=bn[k])[1]
+            src = cg.Operand(z, coef, act=link.act, slope=link.slope)
+        return z_views[-1], zs, stats
 
 
 @conv_chain.register_fake
@@ -151,51 +153,52 @@ def conv_chain_backward(dz: Tensor, x: Tensor, weights: list[Tensor], gammas: li
                         allow_tf32: bool) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     from ..kernels import conv_gemm as cg
 
-    links = decode(layout, scalars)
-    zs, bn = saved_views(links, _shapes(x, weights, links), zs, stats)
-    need_x, need_w, need_bn = bool(needs[0]), [bool(n) for n in needs[1:-1]], bool(needs[-1])
-    affine = [k for k, link in enumerate(links) if link.affine]  # the layers whose gamma/beta were passed
-    gamma_of = dict(zip(affine, gammas))
-    # The lowest layer that wants a gradient: the dgrads stop above it.
-    lowest = -1 if need_x else min([k for k, link in enumerate(links) if need_w[k] or (need_bn and link.affine)],
-                                   default=len(links))
+    with launch_guard("conv_chain_backward", dz, x, weights, gammas, zs, stats):
+        links = decode(layout, scalars)
+        zs, bn = saved_views(links, _shapes(x, weights, links), zs, stats)
+        need_x, need_w, need_bn = bool(needs[0]), [bool(n) for n in needs[1:-1]], bool(needs[-1])
+        affine = [k for k, link in enumerate(links) if link.affine]  # the layers whose gamma/beta were passed
+        gamma_of = dict(zip(affine, gammas))
+        # The lowest layer that wants a gradient: the dgrads stop above it.
+        lowest = -1 if need_x else min([k for k, link in enumerate(links) if need_w[k] or (need_bn and link.affine)],
+                                       default=len(links))
 
-    def activation(k):
-        """Link k's output as the next layer loads it (forward prologue)."""
-        if k < 0:
-            return cg.Operand(x)
-        coef = bn[k][1] if links[k].bn else None
-        return cg.Operand(zs[k], coef, act=links[k].act, slope=links[k].slope)
+        def activation(k):
+            """Link k's output as the next layer loads it (forward prologue)."""
+            if k < 0:
+                return cg.Operand(x)
+            coef = bn[k][1] if links[k].bn else None
+            return cg.Operand(zs[k], coef, act=links[k].act, slope=links[k].slope)
 
-    dx = x.new_empty(0)
-    dweights = [w.new_empty(0) for w in weights]
-    dgammas, dbetas = [g.new_empty(0) for g in gammas], [g.new_empty(0) for g in gammas]
-    grad = cg.Operand(dz)
-    for k in reversed(range(len(links))):
-        link, weight = links[k], weights[k]
-        if need_w[k]:
-            lo, hi = (activation(k - 1), grad) if link.up else (grad, activation(k - 1))
-            dweights[k] = cg.wgrad(lo, hi, link.geometry, allow_tf32).to(weight.dtype)
-        if k - 1 < lowest:
-            break
-        if k == 0:
-            dx = outputs.empty_like(x)
-            cg.conv(grad, weight, link.geometry.transposed(), dx, allow_tf32=allow_tf32)
-            break
-        below, z_below = links[k - 1], zs[k - 1]
-        stats_below, coef_below = bn.get(k - 1, (None, None))
-        g = outputs.empty_like(z_below)
-        partials = cg.conv(grad, weight, link.geometry.transposed(), g, cg.EPI_GRAD,
-                           below=(z_below, stats_below, coef_below, below.act, below.slope), allow_tf32=allow_tf32)
-        if below.bn:
-            sums, back = cg.finalize_grad(partials, stats_below, gamma_of.get(k - 1))
-            if below.affine:
-                i = affine.index(k - 1)
-                dbetas[i], dgammas[i] = (row.to(gammas[i].dtype, copy=True) for row in sums)
-            grad = cg.Operand(g, back, q=z_below)
-        else:
-            grad = cg.Operand(g)
-    return dx, dweights, dgammas, dbetas
+        dx = x.new_empty(0)
+        dweights = [w.new_empty(0) for w in weights]
+        dgammas, dbetas = [g.new_empty(0) for g in gammas], [g.new_empty(0) for g in gammas]
+        grad = cg.Operand(dz)
+        for k in reversed(range(len(links))):
+            link, weight = links[k], weights[k]
+            if need_w[k]:
+                lo, hi = (activation(k - 1), grad) if link.up else (grad, activation(k - 1))
+                dweights[k] = cg.wgrad(lo, hi, link.geometry, allow_tf32).to(weight.dtype)
+            if k - 1 < lowest:
+                break
+            if k == 0:
+                dx = outputs.empty_like(x)
+                cg.conv(grad, weight, link.geometry.transposed(), dx, allow_tf32=allow_tf32)
+                break
+            below, z_below = links[k - 1], zs[k - 1]
+            stats_below, coef_below = bn.get(k - 1, (None, None))
+            g = outputs.empty_like(z_below)
+            partials = cg.conv(grad, weight, link.geometry.transposed(), g, cg.EPI_GRAD,
+                               below=(z_below, stats_below, coef_below, below.act, below.slope), allow_tf32=allow_tf32)
+            if below.bn:
+                sums, back = cg.finalize_grad(partials, stats_below, gamma_of.get(k - 1))
+                if below.affine:
+                    i = affine.index(k - 1)
+                    dbetas[i], dgammas[i] = (row.to(gammas[i].dtype, copy=True) for row in sums)
+                grad = cg.Operand(g, back, q=z_below)
+            else:
+                grad = cg.Operand(g)
+        return dx, dweights, dgammas, dbetas
 
 
 @conv_chain_backward.register_fake
