@@ -49,7 +49,9 @@ def main(argv=None):
         module = importlib.import_module(module_name)
         module.add_arguments(sub.add_parser(name, help=module.__doc__.strip().splitlines()[0],
                                             description=module.__doc__))
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's parser, so that the message names the command
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     prefix = f"fastgan {args.command}"
     try:
         return importlib.import_module(COMMANDS[args.command]).run(args)

@@ -44,13 +44,15 @@ from .sample import sample_noise, save_grid
 CPU_BATCH, CPU_WIDTH_DIVISOR = 16, 4  # defaults without a GPU: batch 16, a quarter of the preset's widths
 N_FIXED = 64  # images in each sample grid
 SAVE_EVERY = 1000  # default --save-every: at most this many steps are lost to a crash or SIGKILL
+DATA_DEFAULTS = dict(dataset="builtin", dataroot=None, builtin_images=4096, builtin_seed=0)  # resuming: the run's
 
 
 def add_arguments(parser):
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     a = parser.add_argument
-    a("--dataset", default="builtin", choices=(*data.DATASETS, *data.FOLDER_ALIASES),
-      help="builtin: generated, no download (default); folder: any image tree; mnist: idx or npz files")
+    a("--dataset", choices=(*data.DATASETS, *data.FOLDER_ALIASES),
+      help="builtin: generated, no download (default); folder: any image tree; mnist: idx or npz files "
+           "(resuming: the run's)")
     a("--dataroot", help="the folder (or mnist file) for --dataset folder|mnist")
     a("--workers", type=natural_int,
       help="data loader processes (default: up to 8 for folder; 0 for the in-memory sets)")
@@ -88,8 +90,8 @@ def add_arguments(parser):
     a("--noise", choices=("normal", "uniform"), help="z ~ N(0, 1) or U(-1, 1) (default: the preset's)")
     a("--gp-weight", type=natural_float, help="wgan-gp penalty weight, >= 0 (default 10)")
     a("--sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over the global batch")
-    a("--builtin-images", type=positive_int, default=4096, help="size of the builtin dataset")
-    a("--builtin-seed", type=seed_int, default=0, help="seed of the builtin dataset")
+    a("--builtin-images", type=positive_int, help="size of the builtin dataset (default 4096)")
+    a("--builtin-seed", type=seed_int, help="seed of the builtin dataset (default 0)")
     a("--log-every", type=positive_int, default=10, help="batches between progress-bar updates")
 
 
@@ -323,6 +325,9 @@ class Run:
         self.args, self.context = args, context
         self.source = self._resume_source()  # a checkpoints.Source, or None for a fresh run
         saved = self.source.record if self.source else None
+        for key, default in DATA_DEFAULTS.items():  # the data flags: given, else the resumed run's, else defaults
+            if getattr(args, key) is None:
+                setattr(args, key, (saved or {}).get("data", {}).get(key, default))
         self.s = resolve_settings(args, context, saved and saved["settings"])
         self.outf = args.outf or (os.path.dirname(self.source.files[-1]) or "." if self.source else "out")
         writable_folder(self.outf, "--outf", create=False)  # made when training starts
@@ -339,6 +344,10 @@ class Run:
         self.workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if folder else 0)
         self.dataset = data.make_dataset(args.dataset, args.dataroot, self.s.image_size, self.s.nc,
                                          args.builtin_images, args.builtin_seed)
+        trained_on = (saved or {}).get("data", {}).get("size", len(self.dataset))
+        if trained_on != len(self.dataset) and context.main:
+            print(f"fastgan train: note: the run being resumed trained on {trained_on} images, this data has "
+                  f"{len(self.dataset)}: its epochs from here on differ from an uninterrupted run's", flush=True)
         self.per_rank = self.s.batch_size // context.world_size
         self.steps_per_epoch = len(self.dataset) // context.world_size // self.per_rank
         if self.steps_per_epoch == 0:
@@ -434,7 +443,8 @@ class Run:
         if record is None:
             raise UsageError(f"cannot read {side}, the train_state beside {flag}; delete it to start the epochs "
                              "over with these weights")
-        pair = f"pass a netG/netD pair saved together, or continue the newest with --resume {os.path.dirname(side) or '.'}"
+        pair = ("pass a netG/netD pair saved together, or continue the newest with --resume "
+                f"{os.path.dirname(side) or '.'}")
         other = records.get("--netD" if flag == "--netG" else "--netG")
         if other is not None and sides["--netG"] != sides["--netD"] and _origin(other) != _origin(record):
             raise UsageError(f"--netG {netG} and --netD {netD} come from different checkpoints ("
@@ -508,7 +518,12 @@ class Run:
                     complete=self.batch == self.steps_per_epoch, settings=dataclasses.asdict(self.s),
                     seed=self.seed, history=self.history, fixed_noise=self.fixed_noise.cpu(),
                     trainer=self.trainer.state_dict(), rng=dict(torch=torch.get_rng_state()),
-                    failed=sorted(self.failed))
+                    failed=sorted(self.failed), data=self.data_record())
+
+    def data_record(self):
+        a = self.args
+        return dict(dataset=a.dataset, dataroot=a.dataroot and os.path.abspath(a.dataroot),
+                    builtin_images=a.builtin_images, builtin_seed=a.builtin_seed, size=len(self.dataset))
 
     def save(self, kind):
         """Save the position reached; returns the paths written.  kind: "interval" writes checkpoint.pt;

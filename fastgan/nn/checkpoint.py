@@ -8,6 +8,7 @@ fastgan train's ``train_state`` files (optimizer state and position, no weights)
 saying so.
 """
 import logging
+import os
 
 import torch
 
@@ -39,6 +40,8 @@ def describe(checkpoint):
     """What a loaded checkpoint that holds no model weights is, as a phrase; None when it may hold some."""
     if not isinstance(checkpoint, dict):
         return f"a {type(checkpoint).__name__}, not a state_dict"
+    if checkpoint.get("format") == CHECKPOINT:
+        return None
     if checkpoint.get("format") == TRAIN_STATE or {"trainer", "settings", "history"} <= checkpoint.keys():
         step = checkpoint.get("step")
         return ("a fastgan train_state file (optimizer state and position of a run"
@@ -89,12 +92,12 @@ def find_state_dict(checkpoint, model):
 
 
 def load_checkpoint(model, checkpoint, map_location="cpu", strict=True):
-    """Load a checkpoint (a dict, or a path to one) into ``model``; returns load_state_dict's result.
+    """Load a checkpoint (a dict, or a path or file to one) into ``model``; returns load_state_dict's result.
 
     The checkpoint may be a state_dict or hold one in a nested layout (see the module docstring); the entry
     used is logged on the ``fastgan`` logger (INFO).  Mismatched architectures raise UsageError listing the
     missing, unexpected and mis-shaped keys."""
-    if not isinstance(checkpoint, dict):
+    if isinstance(checkpoint, (str, os.PathLike)) or hasattr(checkpoint, "read"):
         checkpoint = torch.load(checkpoint, map_location=map_location, weights_only=True)
     state, key = find_state_dict(checkpoint, model)
     if key is not None:
