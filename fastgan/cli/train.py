@@ -496,7 +496,7 @@ class Run:
         """How to name the newest whole checkpoint in --outf, for the messages of a run that stops."""
         try:
             newest = checkpoints.newest(self.outf)
-        except UsageError:
+        except (UsageError, OSError):
             newest = None
         return f"{newest.label}; continue with --resume {self.outf}" if newest else "none was saved"
 
