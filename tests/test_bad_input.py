@@ -16,8 +16,20 @@ def gan():
 def test_wrong_rank(gan):
     with pytest.raises(ValueError, match=r"expects input of shape \(N, 100, H, W\), got \(4, 100\)"):
         gan.generator(torch.randn(4, 100))
-    with pytest.raises(ValueError, match=r"expects input of shape \(N, 3, H, W\)"):
-        gan.discriminator(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match=r"expects input of shape \(N, 3, H, W\), got \(2, 64, 64\)"):
+        gan.discriminator(torch.randn(2, 64, 64))  # 3-D, but not an unbatched image: its channels are not 3
+
+
+def test_unbatched_image_fails_as_in_the_reference(gan):
+    """An unbatched (C, H, W) image runs through the modules' own forward, as in examples/dcgan's D: its first
+    conv takes it, and the BatchNorm after the second refuses it with torch's own message."""
+    ref = fastgan.reference.Discriminator(ndf=4)
+    ref.load_state_dict(gan.discriminator.state_dict())
+    x = torch.randn(3, 64, 64)
+    with pytest.raises(ValueError, match=r"expected 4D input \(got 3D input\)"):
+        ref(x)
+    with pytest.raises(ValueError, match=r"expected 4D input \(got 3D input\)"):
+        gan.discriminator(x)
 
 
 def test_wrong_channel_count(gan):

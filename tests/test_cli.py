@@ -1,6 +1,7 @@
 """python -m fastgan train | sample | interpolate end to end on CPU, the datasets, and bad input."""
 import gzip
 import os
+import signal
 import subprocess
 import sys
 
@@ -59,40 +60,58 @@ def test_train_on_gpu_uses_the_kernels(tmp_path, capsys):
     reference.Generator().load_state_dict(torch.load(tmp_path / "netG_epoch_0.pth"))
 
 
+def _tensors_equal(a, b, where):
+    """Every tensor of two saved objects equal bit for bit (torch.equal), the rest equal."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            if key != "run_id":
+                _tensors_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _tensors_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
 def test_resume_continues_the_run_exactly(tmp_path):
-    """3 steps, then a resume to 6 (across the epoch boundary at 4) equals 6 steps in one go."""
+    """3 steps, then a resume with --netG/--netD to 6 (across the epoch boundary at 4) equals 6 steps in one go,
+    bit for bit: weights, buffers, optimizer state, RNG states, loss history."""
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     _train(whole, "--max-steps", "6")
     _train(parts, "--max-steps", "3")
     assert _train(parts, "--max-steps", "6", "--netG", str(parts / "netG_epoch_0.pth"),
                   "--netD", str(parts / "netD_epoch_0.pth")) == 0
-    for name in ("netG_epoch_1.pth", "netD_epoch_1.pth"):
-        a, b = torch.load(whole / name), torch.load(parts / name)
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=f"{name} {key}")
-    a, b = torch.load(whole / "train_state_epoch_1.pt"), torch.load(parts / "train_state_epoch_1.pt")
-    assert b["step"] == a["step"] == 6
-    np.testing.assert_allclose(b["history"], a["history"], rtol=1e-5)
+    for name in ("netG_epoch_1.pth", "netD_epoch_1.pth", "train_state_epoch_1.pt", "checkpoint.pt"):
+        _tensors_equal(torch.load(whole / name), torch.load(parts / name), name)
+    state = torch.load(parts / "train_state_epoch_1.pt")
+    assert state["step"] == 6 and [row[0] for row in state["history"]] == list(range(6))
 
 
-def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
+def test_ctrl_c_finishes_the_step_then_saves(tmp_path, monkeypatch, capsys):
+    """SIGINT during the third step: the step ends, checkpoint.pt holds step 3 whole, exit status 130."""
     step = train.Trainer.step
     calls = []
 
     def interrupted(self, *args):
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)  # the handler only notes it: this step still runs to its end
         return step(self, *args)
 
     monkeypatch.setattr(train.Trainer, "step", interrupted)
     with pytest.raises(SystemExit) as info:
         _train(tmp_path, "--max-steps", "10")
-    assert info.value.code == 130
-    state = torch.load(tmp_path / "train_state_epoch_0.pt")
-    assert state["step"] == 2 and state["batch"] == 2
-    reference.Generator(ngf=4).load_state_dict(torch.load(tmp_path / "netG_epoch_0.pth"))
+    assert info.value.code == 130 and len(calls) == 3
+    err = capsys.readouterr().err
+    assert "SIGINT: stopping after this step" in err and f"continue with --resume {tmp_path}" in err
+    state = torch.load(tmp_path / "checkpoint.pt")
+    assert state["step"] == 3 and state["batch"] == 3 and len(state["history"]) == 3
+    assert int(state["netD"]["main.3.num_batches_tracked"]) == 9  # three whole steps of three D passes each
+    reference.Generator(ngf=4).load_state_dict(state["netG"])
 
 
 @pytest.mark.parametrize("preset,extra", [

@@ -126,7 +126,7 @@ def test_generator_config_from_shapes(name):
 def test_bad_preset_and_sizes():
     with pytest.raises(ValueError, match="unknown preset 'dcgan32'.*dcgan64"):
         presets.build("dcgan32")
-    with pytest.raises(ValueError, match="positive integers"):
+    with pytest.raises(ValueError, match="preset dcgan64: ngf must be a positive integer, got 0"):
         presets.build("dcgan64", ngf=0)
     _, D, _ = presets.build("mnist28", **TINY)
     with pytest.raises(ValueError, match="fit no preset generator"):

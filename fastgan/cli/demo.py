@@ -9,16 +9,18 @@ import torch
 from ..nn import reference
 from ..nn.models import DCGAN
 from ..ops import backends
+from ..usage import int_at_least_2, positive_int, seed_int, width_int
+from .common import check_backend
 
 
 def add_arguments(parser):
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--ngf", type=int, default=64)
-    parser.add_argument("--ndf", type=int, default=64)
+    parser.add_argument("--steps", type=positive_int, default=5)
+    parser.add_argument("--batch", type=int_at_least_2, default=8, help="2 or more (BatchNorm in training mode)")
+    parser.add_argument("--ngf", type=width_int, default=64)
+    parser.add_argument("--ndf", type=width_int, default=64)
     parser.add_argument("--backend", default="auto", choices=backends.BACKENDS)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
 
 
 def _timed(fn, device):
@@ -32,7 +34,8 @@ def _timed(fn, device):
 
 
 def run(args):
-    device = torch.device(args.device) if args.device else backends.default_device()
+    device = backends.parse_device(args.device)
+    which = check_backend(args.backend, device)
     torch.manual_seed(args.seed)
     gan = DCGAN(ngf=args.ngf, ndf=args.ndf, backend=args.backend).to(device)
     ref_g = reference.Generator(ngf=args.ngf).to(device)
@@ -41,7 +44,6 @@ def run(args):
     ref_d.load_state_dict(gan.discriminator.state_dict())
     fast_opts = reference.make_optimizers(gan.generator, gan.discriminator)
     ref_opts = reference.make_optimizers(ref_g, ref_d)
-    which = backends.resolve(args.backend, device)
     print(f"fastgan demo: device={device}, backend={which}, batch={args.batch}, ngf={args.ngf}, ndf={args.ndf}")
     print(f"{'step':>4} {'loss_D ref':>11} {'loss_D fast':>11} {'loss_G ref':>11} {'loss_G fast':>11} {'max rel diff':>12}")
     times = {"reference": [], "fastgan": []}

@@ -7,6 +7,7 @@ keeps Gaussian latents at their typical norm) or straight (--mode lerp).
 """
 import torch
 
+from ..usage import positive_int, seed_int
 from .sample import add_common, prepare, sample_noise, save_grid
 
 
@@ -22,10 +23,10 @@ def slerp(a, b, t):
 
 def add_arguments(parser):
     add_common(parser)
-    parser.add_argument("--seeds", type=int, nargs=2, default=(0, 1), metavar=("FROM", "TO"))
-    parser.add_argument("--steps", type=int, default=8, help="frames, both ends included")
+    parser.add_argument("--seeds", type=seed_int, nargs=2, default=(0, 1), metavar=("FROM", "TO"))
+    parser.add_argument("--steps", type=positive_int, default=8, help="frames, both ends included")
     parser.add_argument("--mode", choices=("slerp", "lerp"), default="slerp")
-    parser.add_argument("--nrow", type=int, help="frames per row of the grid (default: all in one row)")
+    parser.add_argument("--nrow", type=positive_int, help="frames per row of the grid (default: all in one row)")
     parser.add_argument("--out", default="interpolation.png")
 
 

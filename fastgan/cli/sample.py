@@ -2,23 +2,25 @@
 
     python -m fastgan sample --netG out/netG_epoch_24.pth --n 64 --out grid.png
 
-The checkpoint may come from fastgan train (any preset), from examples/dcgan, or from a DataParallel/DDP
-run (keys prefixed ``module.``); the preset and its sizes are read from the tensors' shapes unless
---preset is given.  BatchNorm uses the statistics of the sampled batch, as the training grids do
+The checkpoint may come from fastgan train (any preset; netG_epoch_N.pth or checkpoint.pt), from
+examples/dcgan, from a DataParallel/DDP run (keys prefixed ``module.``), or hold the generator in a nested
+layout (``{"netG": ...}``, ``{"state_dict": ...}``, the PyTorch DCGAN tutorial's
+``{"g_model_state_dict": ...}``; the entry used is printed); the preset and its sizes are read from the
+tensors' shapes unless --preset is given.  BatchNorm uses the statistics of the sampled batch, as the training grids do
 (--eval: the running statistics).
 """
 import argparse
 import math
-import os
 
 import numpy as np
 import torch
 
 from ..nn import presets
-from ..nn.checkpoint import load_checkpoint, strip_module_prefix
+from ..nn.checkpoint import describe, is_state_dict, load_checkpoint, state_dicts
 from ..nn.layers import fuse
 from ..ops import backends
-from ..usage import UsageError
+from ..usage import UsageError, image_path, positive_int, seed_int, width_int
+from .common import check_backend, read_checkpoint
 
 
 def save_grid(images, path, nrow=8, padding=2):
@@ -34,7 +36,10 @@ def save_grid(images, path, nrow=8, padding=2):
         top, left = padding + (i // cols) * (h + padding), padding + (i % cols) * (w + padding)
         grid[:, top:top + h, left:left + w] = image
     array = grid.permute(1, 2, 0).numpy()
-    Image.fromarray(np.ascontiguousarray(array[..., 0] if c == 1 else array)).save(path)
+    try:
+        Image.fromarray(np.ascontiguousarray(array[..., 0] if c == 1 else array)).save(path)
+    except OSError as exc:  # the folder went away or filled up after the checks at the start
+        raise UsageError(f"cannot write {path} ({exc.strerror or exc})") from None
 
 
 def sample_noise(n, nz, kind, device, generator=None):
@@ -44,36 +49,53 @@ def sample_noise(n, nz, kind, device, generator=None):
     return torch.randn(n, nz, generator=generator, device=device)
 
 
+GENERATOR_KEYS = ("netG", "generator", "g_model_state_dict", "G", "gen", "state_dict", "model", "model_state_dict")
+
+
+def _generator_first(found):
+    """The (key, state_dict) pairs with the names that say "generator" (or nothing) first."""
+    def rank(item):
+        name = (item[0] or "").rpartition(".")[2]
+        return GENERATOR_KEYS.index(name) if name in GENERATOR_KEYS else len(GENERATOR_KEYS)
+    return sorted(found, key=rank)
+
+
 def load_generator(path, preset=None, nz=None, ngf=None, nc=None, device="cpu", backend="auto"):
-    """(fused generator on ``device``, its recipe) from a generator checkpoint; UsageError when it does not fit."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"--netG {path} does not exist") from None
-    except Exception as exc:  # pickle, zip and torch errors alike: the file is not a checkpoint
-        raise UsageError(f"--netG {path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict):
-        raise UsageError(f"--netG {path} holds a {type(state).__name__}, not a state_dict")
-    state = strip_module_prefix(state)
-    sizes = {k: v for k, v in dict(nz=nz, ngf=ngf, nc=nc).items() if v is not None}
-    try:
-        if preset is None:
-            preset, found = presets.generator_config(state)
-            sizes = {**found, **sizes}
-        G, _, recipe = presets.build(preset, **sizes)
-        load_checkpoint(G, state)
-    except ValueError as exc:
-        raise UsageError(f"--netG {path}: {exc}") from None
-    return fuse(G, backend).to(device), recipe
+    """(fused generator on ``device``, its recipe, the checkpoint entry used or None) from a generator checkpoint:
+    a state_dict, or one in a nested layout (fastgan.nn.checkpoint).  UsageError when none fits."""
+    checkpoint = read_checkpoint(path, "--netG")
+    what = describe(checkpoint)
+    if what and not is_state_dict(checkpoint):
+        raise UsageError(f"--netG {path} is {what}")
+    found = _generator_first(state_dicts(checkpoint))
+    if not found:
+        raise UsageError(f"--netG {path} holds no state_dict (its entries: {', '.join(map(str, checkpoint))}); "
+                         "expected a generator's tensors by parameter name, or them under a key such as 'netG'")
+    given = {k: v for k, v in dict(nz=nz, ngf=ngf, nc=nc).items() if v is not None}
+    problems = []
+    for key, state in found:
+        try:
+            name, sizes = (preset, given) if preset else presets.generator_config(state)
+            G, _, recipe = presets.build(name, **{**sizes, **given})
+            load_checkpoint(G, state)
+        except ValueError as exc:
+            problems.append((key, exc))
+            continue
+        return fuse(G, backend).to(device), recipe, key
+    if len(found) == 1:
+        raise UsageError(f"--netG {path}: {problems[0][1]}") from None
+    raise UsageError(f"--netG {path}: none of its state_dicts ({', '.join(k for k, _ in found)}) is a preset "
+                     f"generator (for {problems[0][0]}: {problems[0][1]})") from None
 
 
 def add_common(parser):
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--netG", required=True, help="generator checkpoint (.pth state_dict)")
+    parser.add_argument("--netG", required=True, help="generator checkpoint: a state_dict (.pth), one nested "
+                        "under a key such as netG or g_model_state_dict, or fastgan train's checkpoint.pt")
     parser.add_argument("--preset", choices=presets.PRESETS, help="default: found from the checkpoint")
-    parser.add_argument("--nz", type=int)
-    parser.add_argument("--ngf", type=int)
-    parser.add_argument("--nc", type=int)
+    parser.add_argument("--nz", type=width_int)
+    parser.add_argument("--ngf", type=width_int)
+    parser.add_argument("--nc", type=width_int)
     parser.add_argument("--noise", choices=("normal", "uniform"), help="default: the preset's")
     parser.add_argument("--eval", action="store_true", help="BatchNorm with running statistics, not the batch's")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
@@ -81,22 +103,25 @@ def add_common(parser):
 
 
 def prepare(args, command, batch):
-    """The generator (in the mode --eval asks for), its recipe and device; UsageError when it cannot be had."""
+    """The generator (in the mode --eval asks for), its recipe and device; UsageError when it cannot be had.
+    Every flag is checked before the checkpoint is read."""
+    image_path(args.out, "--out")
     if batch < 2 and not args.eval:
         raise UsageError(f"BatchNorm on batch statistics needs 2 or more images, got {batch}; "
                          "ask for more, or pass --eval")
     device = backends.parse_device(args.device)
-    backends.resolve(args.backend, device)
-    G, recipe = load_generator(args.netG, args.preset, args.nz, args.ngf, args.nc, device, args.backend)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    check_backend(args.backend, device)
+    G, recipe, key = load_generator(args.netG, args.preset, args.nz, args.ngf, args.nc, device, args.backend)
+    if key is not None:
+        print(f"fastgan {command}: using the {key!r} entry of {args.netG}")
     return G.train(not args.eval), recipe, device
 
 
 def add_arguments(parser):
     add_common(parser)
-    parser.add_argument("--n", type=int, default=64, help="how many samples")
-    parser.add_argument("--nrow", type=int, default=8, help="images per row of the grid")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n", type=positive_int, default=64, help="how many samples")
+    parser.add_argument("--nrow", type=positive_int, default=8, help="images per row of the grid")
+    parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--out", default="samples.png")
 
 

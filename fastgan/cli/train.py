@@ -2,12 +2,19 @@
 
     python -m fastgan train --max-steps 300                 # builtin data; without a GPU, CPU-sized defaults
     python -m fastgan train --dataset folder --dataroot ~/celeba --amp bf16 --channels-last
+    python -m fastgan train --resume out                    # continue the run in out/ exactly where it stopped
     torchrun --nproc-per-node 8 -m fastgan train --dataset folder --dataroot ~/celeba --sync-bn
 
 Writes into --outf: real_samples.png; fake_samples_epoch_NNN.png from fixed noise after each epoch;
 netG_epoch_N.pth / netD_epoch_N.pth, plain state_dicts that load into the preset's reference modules
-(dcgan64's into examples/dcgan's models); train_state_epoch_N.pt beside them (optimizers, position,
-loss history), which --netG/--netD read to resume; loss_curve.png.  Ctrl-C saves before it exits.
+(dcgan64's into examples/dcgan's models), with train_state_epoch_N.pt beside them (optimizers, position,
+loss history, run id), at each epoch's end and at the end of the run; checkpoint.pt, the whole run state
+in one file, at each of those and every --save-every steps; loss_curve.png.
+
+Ctrl-C or SIGTERM lets the running step finish, saves checkpoint.pt and exits (status 130 / 143); a
+second Ctrl-C abandons the save and leaves the previous checkpoint whole.  --resume DIR (or --netG/--netD
+with the train_state beside them) continues bit for bit as if the run had never stopped.  A run never
+replaces checkpoints it did not write: not another run's, nor later ones of its own (--force does).
 """
 import argparse
 import contextlib
@@ -16,44 +23,59 @@ import math
 import os
 import random
 import re
+import signal
 import sys
+import threading
 import time
+import uuid
 
 import torch
 
 from ..nn import distributed, losses, presets
-from ..nn.checkpoint import load_checkpoint
+from ..nn.checkpoint import CHECKPOINT, TRAIN_STATE, find_state_dict, load_checkpoint
 from ..nn.layers import fuse
 from ..ops import backends
-from ..usage import UsageError
-from . import data
+from ..usage import (UsageError, int_at_least_2, natural_float, natural_int, positive_float, positive_int, seed_int,
+                     unit_float, width_int, writable_folder)
+from . import checkpoints, data
+from .common import check_backend, read_checkpoint
 from .sample import sample_noise, save_grid
 
 CPU_BATCH, CPU_WIDTH_DIVISOR = 16, 4  # defaults without a GPU: batch 16, a quarter of the preset's widths
 N_FIXED = 64  # images in each sample grid
+SAVE_EVERY = 1000  # default --save-every: at most this many steps are lost to a crash or SIGKILL
+DATA_DEFAULTS = dict(dataset="builtin", dataroot=None, builtin_images=4096, builtin_seed=0)  # resuming: the run's
 
 
 def add_arguments(parser):
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     a = parser.add_argument
-    a("--dataset", default="builtin", choices=(*data.DATASETS, *data.FOLDER_ALIASES),
-      help="builtin: generated, no download (default); folder: any image tree; mnist: idx or npz files")
+    a("--dataset", choices=(*data.DATASETS, *data.FOLDER_ALIASES),
+      help="builtin: generated, no download (default); folder: any image tree; mnist: idx or npz files "
+           "(resuming: the run's)")
     a("--dataroot", help="the folder (or mnist file) for --dataset folder|mnist")
-    a("--workers", type=int, help="data loader processes (default: up to 8 for folder; 0 for the in-memory sets)")
-    a("--batchSize", type=int, help=f"total over all processes (default: 64; {CPU_BATCH} without a GPU)")
-    a("--imageSize", type=int, help="must match the preset (default: the preset's)")
-    a("--nz", type=int, help="latent size (default: the preset's, 100)")
-    a("--ngf", type=int, help=f"G width (default: the preset's; divided by {CPU_WIDTH_DIVISOR} without a GPU)")
-    a("--ndf", type=int, help=f"D width (default: the preset's; divided by {CPU_WIDTH_DIVISOR} without a GPU)")
-    a("--niter", type=int, default=25, help="epochs")
-    a("--max-steps", type=int, help="stop after this many batches in all (resumed ones included)")
-    a("--lr", type=float, help="Adam learning rate (default: the recipe's, 2e-4; 1e-4 for wgan-gp)")
-    a("--beta1", type=float, help="Adam beta1 (default: the recipe's, 0.5; 0 for wgan-gp)")
-    a("--beta2", type=float, help="Adam beta2 (default: 0.999; 0.9 for wgan-gp)")
-    a("--outf", default="out", help="folder for images and checkpoints")
-    a("--netG", help="generator checkpoint to start from; with --netD, resumes that run")
-    a("--netD", help="discriminator checkpoint to start from")
-    a("--manualSeed", type=int, help="default: random (printed)")
+    a("--workers", type=natural_int,
+      help="data loader processes (default: up to 8 for folder; 0 for the in-memory sets)")
+    a("--batchSize", type=int_at_least_2, help=f"total over all processes (default: 64; {CPU_BATCH} without a GPU)")
+    a("--imageSize", type=positive_int, help="must match the preset (default: the preset's)")
+    a("--nz", type=width_int, help="latent size (default: the preset's, 100)")
+    a("--ngf", type=width_int, help=f"G width (default: the preset's; divided by {CPU_WIDTH_DIVISOR} without a GPU)")
+    a("--ndf", type=width_int, help=f"D width (default: the preset's; divided by {CPU_WIDTH_DIVISOR} without a GPU)")
+    a("--niter", type=natural_int, default=25, help="epochs")
+    a("--max-steps", type=natural_int, help="stop after this many batches in all (resumed ones included)")
+    a("--lr", type=positive_float, help="Adam learning rate (default: the recipe's, 2e-4; 1e-4 for wgan-gp)")
+    a("--beta1", type=unit_float, help="Adam beta1 (default: the recipe's, 0.5; 0 for wgan-gp)")
+    a("--beta2", type=unit_float, help="Adam beta2 (default: 0.999; 0.9 for wgan-gp)")
+    a("--outf", help="folder for images and checkpoints (default: the folder resumed from, else out)")
+    a("--resume", metavar="DIR|FILE",
+      help="continue a run: the newest whole checkpoint in DIR, or a checkpoint.pt / train_state_epoch_N.pt")
+    a("--save-every", type=natural_int, default=SAVE_EVERY,
+      help=f"steps between checkpoint.pt saves, besides each epoch's end (default {SAVE_EVERY}; 0: epochs only)")
+    a("--force", action="store_true",
+      help="replace the checkpoints in --outf that are in the way (another run's, or later ones of this run)")
+    a("--netG", help="generator weights to start from; with --netD and the train_state beside them, resumes")
+    a("--netD", help="discriminator weights to start from")
+    a("--manualSeed", type=seed_int, help="default: random (printed)")
     a("--device", help="default: cuda if available, else cpu (under torchrun: cuda:LOCAL_RANK)")
     a("--backend", default="auto", choices=backends.BACKENDS,
       help="fused kernels: auto = triton on CUDA, torch on CPU")
@@ -61,15 +83,16 @@ def add_arguments(parser):
     a("--channels-last", action="store_true", help="NHWC activations and weights")
     a("--preset", choices=presets.PRESETS, help="architecture and recipe (default: dcgan64, examples/dcgan's)")
     a("--loss", choices=("bce", "lsgan", "wgan-gp", "hinge"), help="default: the preset's")
-    a("--label-smoothing", type=float, help="one-sided: real target 1 - s (bce, lsgan)")
-    a("--d-steps", type=int, help="D updates, one batch each, per G round (default: the preset's; 5 for wgan-gp)")
-    a("--g-steps", type=int, help="G updates per G round (default: the preset's; avatar48 uses 2)")
+    a("--label-smoothing", type=unit_float, help="one-sided: real target 1 - s (bce, lsgan)")
+    a("--d-steps", type=positive_int, help="D updates, one batch each, per G round (default: the preset's; 5 for "
+      "wgan-gp)")
+    a("--g-steps", type=positive_int, help="G updates per G round (default: the preset's; avatar48 uses 2)")
     a("--noise", choices=("normal", "uniform"), help="z ~ N(0, 1) or U(-1, 1) (default: the preset's)")
-    a("--gp-weight", type=float, default=10.0, help="wgan-gp penalty weight")
+    a("--gp-weight", type=natural_float, help="wgan-gp penalty weight, >= 0 (default 10)")
     a("--sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over the global batch")
-    a("--builtin-images", type=int, default=4096, help="size of the builtin dataset")
-    a("--builtin-seed", type=int, default=0, help="seed of the builtin dataset")
-    a("--log-every", type=int, default=10, help="batches between progress-bar updates")
+    a("--builtin-images", type=positive_int, help="size of the builtin dataset (default 4096)")
+    a("--builtin-seed", type=seed_int, help="seed of the builtin dataset (default 0)")
+    a("--log-every", type=positive_int, default=10, help="batches between progress-bar updates")
 
 
 @dataclasses.dataclass
@@ -128,6 +151,11 @@ def resolve_settings(args, context, saved=None):
     if s.batch_size % context.world_size or s.batch_size // context.world_size < 2:
         raise UsageError(f"--batchSize {s.batch_size} must split into {context.world_size} process batches "
                            "of 2 or more images (BatchNorm needs 2)")
+    if args.gp_weight is not None and s.loss != "wgan-gp":
+        raise UsageError(f"--gp-weight applies to --loss wgan-gp, not {s.loss}; drop it or add --loss wgan-gp")
+    if args.dataroot and args.dataset == "builtin":
+        raise UsageError(f"--dataroot {args.dataroot} is not read by --dataset builtin (the default); add "
+                         "--dataset folder (or mnist) to train on it")
     if s.label_smoothing and s.loss not in ("bce", "lsgan"):
         raise UsageError(f"--label-smoothing applies to the bce and lsgan losses, not {s.loss}")
     if not 0 <= s.label_smoothing < 1:
@@ -166,7 +194,8 @@ class Trainer:
 
     def state_dict(self):
         return dict(opt_g=self.opt_g.state_dict(), opt_d=self.opt_d.state_dict(), batches=self.batches,
-                    scaler_g=self.scaler_g.state_dict(), scaler_d=self.scaler_d.state_dict())
+                    scaler_g=self.scaler_g.state_dict(), scaler_d=self.scaler_d.state_dict(),
+                    generator=self.generator.get_state())
 
     def load_state_dict(self, state):
         self.opt_g.load_state_dict(state["opt_g"])
@@ -174,6 +203,8 @@ class Trainer:
         self.scaler_g.load_state_dict(state["scaler_g"])
         self.scaler_d.load_state_dict(state["scaler_d"])
         self.batches = state["batches"]
+        if "generator" in state:  # reseeded at every step anyway; older train_states do not have it
+            self.generator.set_state(state["generator"])
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -250,12 +281,6 @@ class Trainer:
         return torch.stack([loss_d.detach().float(), loss_g, self._score(real_out), self._score(fake_out), d_g_z2])
 
 
-def _atomic_save(obj, path):
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def save_loss_curve(path, history):
     """Loss_D and Loss_G against the step, drawn with pillow.  history: rows (step, loss_d, loss_g)."""
     from PIL import Image, ImageDraw
@@ -298,33 +323,43 @@ class Run:
 
     def __init__(self, args, context):
         self.args, self.context = args, context
-        self.resumed = self._read_resume_state()
-        self.s = resolve_settings(args, context, self.resumed and self.resumed["settings"])
+        self.source = self._resume_source()  # a checkpoints.Source, or None for a fresh run
+        saved = self.source.record if self.source else None
+        for key, default in DATA_DEFAULTS.items():  # the data flags: given, else the resumed run's, else defaults
+            if getattr(args, key) is None:
+                setattr(args, key, (saved or {}).get("data", {}).get(key, default))
+        self.s = resolve_settings(args, context, saved and saved["settings"])
+        self.outf = args.outf or (os.path.dirname(self.source.files[-1]) or "." if self.source else "out")
+        writable_folder(self.outf, "--outf", create=False)  # made when training starts
         seed = args.manualSeed if args.manualSeed is not None else (
-            self.resumed["seed"] if self.resumed else random.randint(1, 10000))
+            saved["seed"] if saved else random.randint(1, 10000))
+        run_id = (saved or {}).get("run_id") or uuid.uuid4().hex[:12]
         if context.distributed:  # one seed for all: the data shards and the fixed noise depend on it
-            shared = [seed]
+            shared = [seed, run_id]
             torch.distributed.broadcast_object_list(shared, src=0)
-            seed = shared[0]
-        self.seed = seed
+            seed, run_id = shared
+        self.seed, self.run_id = seed, run_id
         torch.manual_seed(seed)
         folder = args.dataset in ("folder", *data.FOLDER_ALIASES)
         self.workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if folder else 0)
-        try:
-            self.dataset = data.make_dataset(args.dataset, args.dataroot, self.s.image_size, self.s.nc,
-                                             args.builtin_images, args.builtin_seed)
-        except data.DataError as exc:
-            raise UsageError(str(exc)) from None
+        self.dataset = data.make_dataset(args.dataset, args.dataroot, self.s.image_size, self.s.nc,
+                                         args.builtin_images, args.builtin_seed)
+        trained_on = (saved or {}).get("data", {}).get("size", len(self.dataset))
+        if trained_on != len(self.dataset) and context.main:
+            print(f"fastgan train: note: the run being resumed trained on {trained_on} images, this data has "
+                  f"{len(self.dataset)}: its epochs from here on differ from an uninterrupted run's", flush=True)
         self.per_rank = self.s.batch_size // context.world_size
         self.steps_per_epoch = len(self.dataset) // context.world_size // self.per_rank
         if self.steps_per_epoch == 0:
             raise UsageError(f"the dataset has {len(self.dataset)} images, fewer than one batch of "
-                               f"{self.s.batch_size}; lower --batchSize")
+                             f"{self.s.batch_size}; lower --batchSize")
         G, D, _ = presets.build(self.s.preset, self.s.nz, self.s.ngf, self.s.ndf, self.s.nc)
-        for flag, model in (("--netG", G), ("--netD", D)):
-            path = getattr(args, flag[2:])
-            if path:
-                self._load_weights(flag, path, model)
+        self.weights_from = []
+        for flag, model, role in (("--netG", G, "netG"), ("--netD", D, "netD")):
+            if self.source:
+                self._load_state(flag, self.source.label, getattr(self.source, role), model)
+            elif getattr(args, role):
+                self._load_weights(flag, getattr(args, role), model)
         device = context.device
         fmt = torch.channels_last if args.channels_last else torch.contiguous_format
         G, D = fuse(G, args.backend).to(device, memory_format=fmt), fuse(D, args.backend).to(device,
@@ -332,64 +367,140 @@ class Run:
         if args.sync_bn and context.distributed:
             distributed.sync_batchnorm(G)
             distributed.sync_batchnorm(D)
-        self.trainer = Trainer(G, D, self.s, context, args.backend, args.amp, args.gp_weight, seed)
+        self.trainer = Trainer(G, D, self.s, context, args.backend, args.amp, self.gp_weight, seed)
         self.fixed_noise = sample_noise(N_FIXED, self.s.nz, self.s.noise, "cpu",
                                         torch.Generator().manual_seed(seed)).to(device)
-        self.epoch, self.batch, self.step, self.history = 0, 0, 0, []
-        if self.resumed:
-            self.trainer.load_state_dict(self.resumed["trainer"])
-            self.fixed_noise = self.resumed["fixed_noise"].to(device)
-            self.history, self.step = self.resumed["history"], self.resumed["step"]
-            self.epoch, self.batch = self.resumed["epoch"], self.resumed["batch"]
+        self.epoch, self.batch, self.step, self.history, self.failed = 0, 0, 0, [], set()
+        if saved:
+            self.trainer.load_state_dict(saved["trainer"])
+            self.fixed_noise = saved["fixed_noise"].to(device)
+            self.history, self.step = saved["history"], saved["step"]
+            self.epoch, self.batch = saved["epoch"], saved["batch"]
+            self.failed = set(saved.get("failed", ()))
+            if "rng" in saved:
+                torch.set_rng_state(saved["rng"]["torch"])
             if self.batch >= self.steps_per_epoch:
                 self.epoch, self.batch = self.epoch + 1, 0
-        self.failed, self.pending, self.last = set(), [], [math.nan] * 5
+        self.pending, self.last = [], [math.nan] * 5
+        self.saved_step = self.step if saved else None  # the step of the newest checkpoint of this run
+        self.stopping = None  # the signal that asked the run to stop
+        self.agreed_stop = False  # distributed: every rank stops at the same step
 
-    def _read_resume_state(self):
-        """The side file of the --netG/--netD checkpoints (both needed), or None."""
-        args = self.args
-        if not (args.netG and args.netD):
-            return None
-        match = re.fullmatch(r"netG_epoch_(\d+)\.pth", os.path.basename(args.netG))
-        path = match and os.path.join(os.path.dirname(args.netG), f"train_state_epoch_{match.group(1)}.pt")
-        if not path or not os.path.isfile(path):
-            return None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a damaged side file: say which and why
-            raise UsageError(f"cannot read {path} ({type(exc).__name__}: {exc}); delete it to start the "
-                               "epochs over with these weights") from None
+    @property
+    def gp_weight(self):
+        return 10.0 if self.args.gp_weight is None else self.args.gp_weight
 
-    def _load_weights(self, flag, path, model):
-        if not os.path.isfile(path):
-            raise UsageError(f"{flag} {path} does not exist")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle, zip and torch errors alike: the file is not a checkpoint
-            raise UsageError(f"{flag} {path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
-        if not isinstance(state, dict):
-            raise UsageError(f"{flag} {path} holds a {type(state).__name__}, not a state_dict")
+    # ------------------------------------------------------------------ where the run starts from
+
+    def _resume_source(self):
+        """The checkpoint to continue (--resume, or --netG/--netD with a train_state beside them), or None."""
+        a = self.args
+        if a.resume:
+            if a.netG or a.netD:
+                raise UsageError("--resume takes G and D from the checkpoint: drop --netG/--netD, or drop --resume "
+                                 "to start from those weights with fresh optimizers")
+            return self._resume_path(a.resume)
+        for flag in ("--netG", "--netD"):
+            path = getattr(a, flag[2:])
+            if path:
+                record = checkpoints.peek(path) if os.path.isfile(path) else None
+                if record is not None and record.get("format") == CHECKPOINT:
+                    raise UsageError(f"{flag} {path} is a whole fastgan checkpoint: continue its run with --resume "
+                                     f"{path}")
+        if not (a.netG and a.netD):
+            return None
+        return self._pair_source(a.netG, a.netD)
+
+    @staticmethod
+    def _resume_path(path):
+        if os.path.isdir(path):
+            source = checkpoints.newest(path)
+            if source is None:
+                raise UsageError(f"--resume {path} holds no whole fastgan checkpoint (checkpoint.pt, or a "
+                                 "train_state_epoch_N.pt with its netG/netD files); give the folder a run wrote "
+                                 "into, or start a new run without --resume")
+            return source
+        if not os.path.exists(path):
+            raise UsageError(f"--resume {path} does not exist; give the run's folder (its --outf) or a checkpoint")
+        record = checkpoints.peek(path)
+        if record is not None and record.get("format") == CHECKPOINT:
+            return checkpoints.read_checkpoint_file(path)
+        if record is not None and (record.get("format") == TRAIN_STATE or {"trainer", "settings"} <= record.keys()):
+            return checkpoints.read_epoch_set(path)
+        raise UsageError(f"--resume {path} is not a fastgan checkpoint (checkpoint.pt or train_state_epoch_N.pt); "
+                         "to start from a generator's or discriminator's weights use --netG/--netD")
+
+    def _pair_source(self, netG, netD):
+        """The epoch set of --netG and --netD, when a train_state lies beside them: both files must be the
+        ones it was saved with.  None when neither has one (then the weights are a starting point)."""
+        sides = {flag: _side_file(path, role) for flag, path, role in (("--netG", netG, "netG"),
+                                                                          ("--netD", netD, "netD"))}
+        records = {flag: checkpoints.peek(side) for flag, side in sides.items() if side and os.path.isfile(side)}
+        if not records:
+            return None
+        flag, record = next(iter(records.items()))
+        side = sides[flag]
+        if record is None:
+            raise UsageError(f"cannot read {side}, the train_state beside {flag}; delete it to start the epochs "
+                             "over with these weights")
+        pair = ("pass a netG/netD pair saved together, or continue the newest with --resume "
+                f"{os.path.dirname(side) or '.'}")
+        other = records.get("--netD" if flag == "--netG" else "--netG")
+        if other is not None and sides["--netG"] != sides["--netD"] and _origin(other) != _origin(record):
+            raise UsageError(f"--netG {netG} and --netD {netD} come from different checkpoints ("
+                             f"{_origin(records['--netG'])} vs {_origin(records['--netD'])}); {pair}")
+        for role, path in (("netG", netG), ("netD", netD)):
+            expected = record.get("files", {}).get(role, {}).get("sha256")
+            if expected is not None and checkpoints.file_sha256(path) != expected:
+                raise UsageError(f"--{role} {path} is not the file {side} ({_origin(record)}) was saved with (a "
+                                 f"file from another run or step, or replaced since); {pair}")
+        return checkpoints.read_epoch_set(side, netG=netG, netD=netD)
+
+    def _load_state(self, flag, where, state, model):
         try:
             load_checkpoint(model, state)
         except ValueError as exc:
-            raise UsageError(f"{flag} {path} does not fit preset {self.s.preset} with nz={self.s.nz} "
-                               f"ngf={self.s.ngf} ndf={self.s.ndf} nc={self.s.nc}: {exc}") from None
+            raise UsageError(f"{flag} {where} does not fit preset {self.s.preset} with nz={self.s.nz} "
+                             f"ngf={self.s.ngf} ndf={self.s.ndf} nc={self.s.nc}: {exc}") from None
+
+    def _load_weights(self, flag, path, model):
+        checkpoint = read_checkpoint(path, flag)
+        try:
+            state, key = find_state_dict(checkpoint, model)
+        except UsageError as exc:
+            raise UsageError(f"{flag} {path}: {exc}") from None
+        if key is not None:
+            self.weights_from.append(f"{flag}: the {key!r} entry of {path}")
+        self._load_state(flag, path, state, model)
+
+    # ------------------------------------------------------------------ reporting
 
     def describe(self):
         s, c, a = self.s, self.context, self.args
         which = backends.resolve(a.backend, c.device)
-        small = c.device.type != "cuda" and not self.resumed and (
+        small = c.device.type != "cuda" and not self.source and (
             a.batchSize is None or a.ngf is None or a.ndf is None)
         return (f"fastgan train: preset {s.preset} (nz {s.nz}, ngf {s.ngf}, ndf {s.ndf}), "
                 f"{s.image_size}x{s.image_size}x{s.nc} {a.dataset} ({len(self.dataset)} images), batch {s.batch_size}"
                 f"{f' over {c.world_size} processes' if c.distributed else ''}, loss {s.loss}, "
                 f"Adam lr {s.lr:g} betas ({s.beta1:g}, {s.beta2:g}), D:G steps {s.d_steps}:{s.g_steps}, "
-                f"device {c.device}, backend {which}, seed {self.seed}"
+                f"device {c.device}, backend {which}, seed {self.seed}, run {self.run_id}"
                 + (f"{', amp ' + a.amp if a.amp else ''}{', channels_last' if a.channels_last else ''}")
                 + (" [no GPU: smaller defaults, set --batchSize/--ngf/--ndf to change them]" if small else "")
-                + (f"; resuming at epoch {self.epoch}, batch {self.batch}" if self.resumed else "")
-                + ("; starting from the given weights (no train_state file beside --netG/--netD: epoch 0, "
-                   "fresh optimizers)" if (a.netG or a.netD) and not self.resumed else ""))
+                + (f"; resuming {self.source.label} at epoch {self.epoch}, batch {self.batch}" if self.source else "")
+                + (f"; {'; '.join(self.weights_from)}" if self.weights_from else "")
+                + ("; starting from the given weights (no train_state beside --netG/--netD: epoch 0, fresh "
+                   "optimizers)" if (a.netG or a.netD) and not self.source else ""))
+
+    def newest_label(self):
+        """How to name the newest whole checkpoint in --outf, for the messages of a run that stops."""
+        try:
+            newest = checkpoints.newest(self.outf)
+        except (UsageError, OSError):
+            newest = None
+        return f"{newest.label}; continue with --resume {self.outf}" if newest else "none was saved"
+
+    # ------------------------------------------------------------------ checkpoints
 
     def sample_grid(self):
         """G(fixed noise) with batch statistics, as examples/dcgan draws it; G's running stats stay untouched."""
@@ -401,56 +512,122 @@ class Run:
                 b.copy_(saved)
         return images
 
-    def save(self, complete, with_grid=True):
-        """Checkpoints of the position reached (rank 0 writes; every rank draws the grid: sync-bn is collective)."""
-        images = self.sample_grid() if with_grid else None
+    def record(self):
+        """The run's state at this step boundary, all but the weights (see fastgan.cli.checkpoints)."""
+        return dict(run_id=self.run_id, step=self.step, epoch=self.epoch, batch=self.batch,
+                    complete=self.batch == self.steps_per_epoch, settings=dataclasses.asdict(self.s),
+                    seed=self.seed, history=self.history, fixed_noise=self.fixed_noise.cpu(),
+                    trainer=self.trainer.state_dict(), rng=dict(torch=torch.get_rng_state()),
+                    failed=sorted(self.failed), data=self.data_record())
+
+    def data_record(self):
+        a = self.args
+        return dict(dataset=a.dataset, dataroot=a.dataroot and os.path.abspath(a.dataroot),
+                    builtin_images=a.builtin_images, builtin_seed=a.builtin_seed, size=len(self.dataset))
+
+    def save(self, kind):
+        """Save the position reached; returns the paths written.  kind: "interval" writes checkpoint.pt;
+        "interrupt" also the loss curve; "epoch" and "final" first the epoch's set, then checkpoint.pt, the
+        sample grid and the loss curve.  Rank 0 writes; every rank draws the grid (sync-bn is collective)."""
+        self.flush()
+        images = self.sample_grid() if kind in ("epoch", "final") else None
         if not self.context.main:
+            self.saved_step = self.step
             return []
-        out, e = self.args.outf, self.epoch
-        written = [os.path.join(out, f"netG_epoch_{e}.pth"), os.path.join(out, f"netD_epoch_{e}.pth")]
-        _atomic_save(self.trainer.g_module.state_dict(), written[0])
-        _atomic_save(self.trainer.d_module.state_dict(), written[1])
-        _atomic_save(dict(settings=dataclasses.asdict(self.s), seed=self.seed, epoch=e,
-                          batch=self.steps_per_epoch if complete else self.batch, step=self.step,
-                          history=self.history, fixed_noise=self.fixed_noise.cpu(),
-                          trainer=self.trainer.state_dict()), os.path.join(out, f"train_state_epoch_{e}.pt"))
-        if images is not None:
-            written.append(os.path.join(out, f"fake_samples_epoch_{e:03d}.png"))
-            save_grid(images, written[-1])
-        written.append(os.path.join(out, "loss_curve.png"))
-        save_loss_curve(written[-1], self.history)
+        record, written = self.record(), []
+        g, d = self.trainer.g_module.state_dict(), self.trainer.d_module.state_dict()
+        try:
+            if kind in ("epoch", "final"):
+                files = checkpoints.epoch_files(self.outf, self.epoch)
+                blobs = {"netG": checkpoints.serialize(g), "netD": checkpoints.serialize(d)}
+                manifest = {role: dict(name=os.path.basename(files[role]), sha256=checkpoints.sha256(blob))
+                            for role, blob in blobs.items()}
+                checkpoints.atomic_write(files["train_state"],
+                                         checkpoints.serialize(dict(record, format=TRAIN_STATE, files=manifest)))
+                for role, blob in blobs.items():
+                    checkpoints.atomic_write(files[role], blob)
+                written += [files["netG"], files["netD"], files["train_state"]]
+            path = os.path.join(self.outf, checkpoints.CHECKPOINT_FILE)
+            checkpoints.atomic_write(path, checkpoints.serialize(dict(record, format=CHECKPOINT, netG=g, netD=d)))
+            written.append(path)
+            self.saved_step = self.step
+            if images is not None:
+                written.append(os.path.join(self.outf, f"fake_samples_epoch_{self.epoch:03d}.png"))
+                save_grid(images, written[-1])
+            if kind != "interval":
+                written.append(os.path.join(self.outf, "loss_curve.png"))
+                save_loss_curve(written[-1], self.history)
+        except OSError as exc:
+            raise UsageError(f"could not save step {self.step} into {self.outf} ({exc.strerror or exc}); the newest "
+                             f"whole checkpoint is {self.newest_label()}") from None
         return written
 
+    # ------------------------------------------------------------------ the loop
+
+    def on_signal(self, signum, frame):
+        """SIGINT/SIGTERM: the first is acted on at the end of the running step; a second one abandons what runs."""
+        if self.stopping is None:
+            self.stopping = signum
+            if self.context.main:
+                print(f"\nfastgan train: {signal.Signals(signum).name}: stopping after this step, saving first "
+                      "(press Ctrl-C again to abandon the save)", file=sys.stderr, flush=True)
+            return
+        raise KeyboardInterrupt
+
+    def should_stop(self):
+        return self.agreed_stop if self.context.distributed else self.stopping is not None
+
+    def loader(self):
+        """This epoch's batches from where the run stands.  The loader's draws come from a seed of (seed, epoch)
+        and leave the global RNG alone, so a resumed run's RNG states are the uninterrupted run's."""
+        c = self.context
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+            return iter(data.epoch_loader(self.dataset, self.per_rank, self.epoch, self.seed, c.rank, c.world_size,
+                                          self.batch, self.workers, pin_memory=c.device.type == "cuda"))
+
     def loop(self):
-        """Epochs until --niter or --max-steps; returns the paths the last save wrote."""
+        """Epochs until --niter or --max-steps, or a signal; returns (the paths the last save wrote, whether the
+        run reached its end)."""
         from tqdm import tqdm
 
         args, c = self.args, self.context
         max_steps = args.max_steps if args.max_steps is not None else math.inf
         written = []
-        while self.epoch < args.niter and self.step < max_steps:
-            loader = data.epoch_loader(self.dataset, self.per_rank, self.epoch, self.seed, c.rank, c.world_size,
-                                       self.batch, self.workers, pin_memory=c.device.type == "cuda")
+        while self.epoch < args.niter and self.step < max_steps and not self.should_stop():
             with tqdm(total=self.steps_per_epoch, initial=self.batch, desc=f"epoch {self.epoch}/{args.niter}",
                       disable=not c.main, dynamic_ncols=True, file=sys.stdout) as bar:
-                self._epoch(loader, bar, max_steps)
-            complete = self.batch == self.steps_per_epoch
-            written = self.save(complete)
-            if complete:
+                written = self._epoch(self.loader(), bar, max_steps) or written
+            if self.batch == self.steps_per_epoch:
+                written = self.save("epoch")
                 self.epoch, self.batch = self.epoch + 1, 0
-        return written
+        finished = self.epoch >= args.niter or self.step >= max_steps
+        if finished and self.saved_step != self.step:
+            written = self.save("final")
+        return written, finished
 
-    def _epoch(self, loader, bar, max_steps):
+    def _epoch(self, batches, bar, max_steps):
         args, c = self.args, self.context
         fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-        window_start, window_images = time.perf_counter(), 0
-        for real, failed in loader:
+        window_start, window_images, written = time.perf_counter(), 0, None
+        while self.batch < self.steps_per_epoch and not self.should_stop():
+            try:
+                real, failed = next(batches)
+            except StopIteration:
+                break
+            except Exception:  # a loader worker ended by the same Ctrl-C: stop at this step boundary
+                if self.stopping is not None:
+                    self.agreed_stop = True
+                    break
+                raise
+            if self.should_stop():
+                break
             self.failed.update(failed)
             if real is None:
                 raise UsageError("every image of a batch failed to decode; check the files under "
-                                   f"--dataroot {args.dataroot}")
+                                 f"--dataroot {args.dataroot}")
             if self.step == 0 and c.main:
-                save_grid(real[:N_FIXED], os.path.join(args.outf, "real_samples.png"))
+                save_grid(real[:N_FIXED], os.path.join(self.outf, "real_samples.png"))
             real = real.to(c.device, memory_format=fmt, non_blocking=True)
             self.pending.append(self.trainer.step(real))
             self.step, self.batch = self.step + 1, self.batch + 1
@@ -463,8 +640,16 @@ class Run:
                 bar.set_postfix(dict(Loss_D=v[0], Loss_G=v[1], D_x=v[2], D_G_z=f"{v[3]}/{v[4]}", img_s=f"{rate:.0f}"),
                                 refresh=False)
                 window_start, window_images = time.perf_counter(), 0
+                if c.distributed:  # the ranks agree here, where they wait for the losses anyway
+                    flag = torch.tensor([0 if self.stopping is None else 1], device=c.device)
+                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                    self.agreed_stop = bool(flag.item())
             if self.step >= max_steps:
                 break
+            if (args.save_every and self.step % args.save_every == 0 and self.batch < self.steps_per_epoch
+                    and not self.should_stop()):
+                written = self.save("interval")
+        return written
 
     def flush(self):
         """Move the pending step results into the history; returns the latest value of each statistic."""
@@ -486,9 +671,21 @@ class Run:
         return failed
 
 
+def _side_file(path, role):
+    """train_state_epoch_N.pt beside ``path`` when it is named {role}_epoch_N.pth, else None."""
+    match = re.fullmatch(rf"{role}_epoch_(\d+)\.pth", os.path.basename(path))
+    return match and os.path.join(os.path.dirname(path), f"train_state_epoch_{match.group(1)}.pt")
+
+
+def _origin(record):
+    if record is None:
+        return "unreadable"
+    return f"run {record.get('run_id', 'without an id')}, step {record.get('step')}"
+
+
 def run(args):
     context = distributed.setup(backends.parse_device(args.device))
-    backends.resolve(args.backend, context.device)
+    check_backend(args.backend, context.device)
     train = Run(args, context)
     try:
         return _run(args, context, train)
@@ -499,7 +696,6 @@ def run(args):
 
 def _run(args, context, train):
     if context.main:
-        os.makedirs(args.outf, exist_ok=True)
         print(train.describe(), flush=True)
         if args.sync_bn and not context.distributed:
             print("fastgan train: --sync-bn has no effect in a single process (run under torchrun)")
@@ -507,14 +703,40 @@ def _run(args, context, train):
         if context.main:
             print(f"nothing to do: the run is at step {train.step}, epoch {train.epoch} (raise --max-steps/--niter)")
         return 0
+    blocked = checkpoints.blocking(train.outf, train.run_id if train.source else None, train.step, train.epoch,
+                                   train.source.files if train.source else [])
+    if blocked and not args.force:
+        shown = ", ".join(blocked[:3]) + (f" and {len(blocked) - 3} more" if len(blocked) > 3 else "")
+        raise UsageError(f"--outf {train.outf} holds checkpoints this run would replace: {shown}; continue the newest "
+                         f"with --resume {train.outf}, write into another folder with --outf DIR, or pass --force "
+                         "to replace them")
+    if context.main:
+        writable_folder(train.outf, "--outf")
+        if blocked:
+            print(f"fastgan train: --force: may replace {len(blocked)} file(s) in {train.outf}", flush=True)
+        checkpoints.remove_stale_temporaries(train.outf)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, train.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        written = train.loop()
-    except KeyboardInterrupt:
-        train.flush()
-        written = train.save(complete=False, with_grid=not context.distributed)
+        written, finished = train.loop()
+        if not finished and train.saved_step != train.step:  # stopped by a signal
+            written = train.save("interrupt")
+    except KeyboardInterrupt:  # a second signal, or one before the handlers were in place
         if context.main:
-            print(f"\ninterrupted at step {train.step}: saved {', '.join(written)}", file=sys.stderr)
-        raise SystemExit(130) from None
+            print(f"\nfastgan train: interrupted again at step {train.step}: stopped at once (a save under way was "
+                  f"abandoned); the newest whole checkpoint is {train.newest_label()}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + (train.stopping or signal.SIGINT)) from None
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if not finished:
+        signum = train.stopping or signal.SIGTERM  # a rank without the signal stops with the others
+        if context.main:
+            saved = f"saved {', '.join(written)}" if written else f"the newest checkpoint is {train.newest_label()}"
+            print(f"\nfastgan train: stopped at step {train.step} ({signal.Signals(signum).name}): {saved}; "
+                  f"continue with --resume {train.outf}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
     failed = train.failed_files()
     if context.main:
         if failed:

@@ -9,7 +9,7 @@ from collections import OrderedDict
 from torch import nn
 
 from ..ops import backends
-from ..ops.functional import conv_bn_act
+from ..ops.functional import conv_bn_act, fused_layout
 from . import fused_conv
 from .plan import FusedStep, check_level, plan
 
@@ -41,6 +41,10 @@ class FusedSequential(nn.Sequential):
             if isinstance(step, FusedStep):
                 if step.last >= end:
                     break
+                if not fused_layout(x, modules[step.conv]):  # e.g. a Linear on (N, L, F), an unbatched conv
+                    for name in list(modules)[self._index[step.conv]:step.last + 1]:
+                        x = modules[name](x)
+                    continue
                 bn = modules[step.bn] if step.bn is not None else None
                 x = conv_bn_act(x, modules[step.conv], bn, step.act, step.slope, self.backend)
             else:
@@ -57,7 +61,12 @@ def fuse(model, backend="auto"):
     """Make every nn.Sequential in ``model`` (and ``model`` itself) a FusedSequential sharing its modules.
 
     Parameters, buffers and state_dict keys stay the same.  Returns the fused model; it is ``model``
-    itself unless ``model`` is an nn.Sequential."""
+    itself unless ``model`` is an nn.Sequential.  A fused step runs its ops on the layouts they take,
+    (N, C, H, W) for convolutions and (N, F) for Linear; other inputs the modules accept (a Linear on
+    (N, L, F), an unbatched (C, H, W) convolution) run through the modules' own forward, as before fusing."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastgan.fuse expects a torch.nn.Module, got {type(model).__name__}; pass the model "
+                        "(e.g. an nn.Sequential), not its parameters or output")
     backends.check_name(backend)
     if isinstance(model, nn.Sequential):
         return _fused(model, backend)

@@ -76,6 +76,9 @@ def gradient_penalty(critic, real, fake, weight=10.0, alpha=None):
     backward cannot do: the critic runs on the torch backend here, in fp32 (autocast off, so that fp16 input
     gradients cannot overflow), whatever its backend elsewhere.  A BatchNorm in the critic sees this batch
     of interpolates in training mode and updates its running stats, as the same code on a plain torch model does."""
+    if not weight >= 0:
+        raise ValueError(f"the gradient penalty's weight must be >= 0, got {weight} (a negative weight rewards "
+                         "large critic gradients)")
     if real.shape != fake.shape:
         raise ValueError(f"real and fake must have one shape, got {tuple(real.shape)} and {tuple(fake.shape)}")
     n = real.shape[0]

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..ops import backends
+from ..usage import UsageError
 from . import reference
 from .layers import FusedSequential
 from .losses import discriminator_loss, generator_loss
@@ -41,6 +42,7 @@ class DCGAN(nn.Module):
     """A Generator and a Discriminator with fused losses and the examples/dcgan train step."""
 
     def __init__(self, nz=100, ngf=64, ndf=64, nc=3, backend="auto"):
+        reference.check_sizes("DCGAN", nz=nz, ngf=ngf, ndf=ndf, nc=nc)
         super().__init__()
         self.nz = nz
         self.backend = backends.check_name(backend)
@@ -61,13 +63,34 @@ class DCGAN(nn.Module):
         device = device if device is not None else next(self.generator.parameters()).device
         return torch.randn(batch_size, self.nz, 1, 1, device=device)
 
+    def check_optimizers(self, opt_g, opt_d):
+        """UsageError unless opt_g holds some of G's parameters and none of D's, and opt_d the reverse."""
+        own = {"generator": {id(p) for p in self.generator.parameters()},
+               "discriminator": {id(p) for p in self.discriminator.parameters()}}
+        for name, opt, net, other in (("opt_g", opt_g, "generator", "discriminator"),
+                                      ("opt_d", opt_d, "discriminator", "generator")):
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError(f"{name} must be a torch.optim.Optimizer over the {net}'s parameters, "
+                                f"got {type(opt).__name__}")
+            held = {id(p) for group in opt.param_groups for p in group["params"]}
+            if held & own[other]:
+                hint = " (opt_g and opt_d swapped?)" if not held & own[net] else ""
+                raise UsageError(f"{name} holds the {other}'s parameters{hint}; call train_step(real, opt_g, opt_d) "
+                                 f"with opt_g over gan.generator.parameters() and opt_d over "
+                                 "gan.discriminator.parameters()")
+            if not held & own[net]:
+                raise UsageError(f"{name} holds none of the {net}'s parameters; build it over "
+                                 f"gan.{net}.parameters() (e.g. fastgan.reference.make_optimizers)")
+
     def train_step(self, real, opt_g, opt_d, noise=None, label_smoothing=0.0, cuda_graph=False):
         """One step of the examples/dcgan loop: update D on real and on G(noise).detach(), then G.
 
         ``noise`` defaults to N(0, 1) of shape (N, nz, 1, 1), drawn after D's real pass as the reference does.
         D's weight gradients are not computed during the G update, where the reference throws them away.
         ``cuda_graph``: run the step as one CUDA graph (fastgan.step; needs Adam(..., capturable=True));
-        on CPU it runs eagerly."""
+        on CPU it runs eagerly.  Each optimizer must hold parameters of the network it updates and none of
+        the other's (UsageError otherwise: swapped optimizers would train garbage)."""
+        self.check_optimizers(opt_g, opt_d)
         if cuda_graph:
             return captured_step(self, opt_g, opt_d, label_smoothing)(real, noise)
         G, D = self.generator, self.discriminator

@@ -13,6 +13,9 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from ..usage import UsageError
+from .reference import check_sizes
+
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
@@ -131,7 +134,7 @@ PRESETS = {
 
 def recipe(name):
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise UsageError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name][1]
 
 
@@ -139,9 +142,7 @@ def build(name, nz=None, ngf=None, ndf=None, nc=None):
     """(G, D, recipe): the preset's reference modules, DCGAN-initialised, and its recipe with the
     widths actually used.  Unset sizes take the recipe's defaults."""
     sizes = {k: v for k, v in dict(nz=nz, ngf=ngf, ndf=ndf, nc=nc).items() if v is not None}
-    bad = {k: v for k, v in sizes.items() if not (isinstance(v, int) and v > 0)}
-    if bad:
-        raise ValueError(f"sizes must be positive integers, got {bad}")
+    check_sizes(f"preset {name}", **sizes)
     used = dataclasses.replace(recipe(name), **sizes)
     G, D = PRESETS[name][0](used.nz, used.ngf, used.ndf, used.nc)
     dcgan_init(G)
@@ -174,5 +175,5 @@ def generator_config(state_dict):
                         sizes.setdefault(var, 1 + (s - b) // (p - b))
         if len(sizes) == 3 and min(sizes.values()) > 0 and _generator_shapes(name, **sizes) == shapes:
             return name, sizes
-    raise ValueError(f"the checkpoint's {len(shapes)} tensors fit no preset generator ({', '.join(PRESETS)}); "
+    raise UsageError(f"the checkpoint's {len(shapes)} tensors fit no preset generator ({', '.join(PRESETS)}); "
                      "pass --preset and its sizes, or check that it is a generator checkpoint")

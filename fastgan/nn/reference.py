@@ -5,6 +5,15 @@ fastgan's fused models are checked against these, and load their checkpoints.
 import torch
 from torch import nn
 
+from ..usage import UsageError
+
+
+def check_sizes(owner, **sizes):
+    """UsageError naming ``owner`` unless every size is a positive integer (bools are not sizes)."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{owner}: {name} must be a positive integer, got {value!r}")
+
 
 def weights_init(module):
     """examples/dcgan's init: N(0, 0.02) for conv weights, N(1, 0.02) and zero bias for BatchNorm."""
@@ -20,6 +29,7 @@ class Generator(nn.Module):
     """z (N, nz, 1, 1) -> image (N, nc, 64, 64) in [-1, 1]."""
 
     def __init__(self, nz=100, ngf=64, nc=3):
+        check_sizes(type(self).__name__, nz=nz, ngf=ngf, nc=nc)
         super().__init__()
         self.nz = nz
         self.main = nn.Sequential(
@@ -48,6 +58,7 @@ class Discriminator(nn.Module):
     """image (N, nc, 64, 64) -> probability (N,)."""
 
     def __init__(self, nc=3, ndf=64):
+        check_sizes(type(self).__name__, nc=nc, ndf=ndf)
         super().__init__()
         self.main = nn.Sequential(
             nn.Conv2d(nc, ndf, 4, 2, 1, bias=False),

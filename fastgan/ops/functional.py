@@ -73,13 +73,29 @@ def sigmoid_bce(logits, target, backend=None):
     return kernel_ops(which).sigmoid_bce(logits, float(target))[0]
 
 
+def _layout(conv):
+    """(the fused layout as text, its rank, the channel count) of ``conv``'s input."""
+    if isinstance(conv, nn.Linear):
+        return f"(N, {conv.in_features})", 2, conv.in_features
+    return f"(N, {conv.in_channels}, H, W)", 4, conv.in_channels
+
+
+def fused_layout(x, conv):
+    """Whether x has the layout the fused ops take, (N, C, H, W) or (N, F) for a Linear; False for the other
+    inputs ``conv`` itself accepts (a Linear on (*, F), an unbatched (C, H, W) convolution), which the
+    caller runs through the modules' own forward."""
+    _, rank, channels = _layout(conv)
+    if not isinstance(x, torch.Tensor) or x.dim() == rank:
+        return True
+    if isinstance(conv, nn.Linear):
+        return not (x.dim() >= 1 and x.shape[-1] == channels)
+    return not (x.dim() == rank - 1 and x.shape[0] == channels)
+
+
 def _check_input(x, conv):
     check_float("input", x)
     check_device("input", x, conv.weight.device)
-    if isinstance(conv, nn.Linear):
-        expected, rank, channels = f"(N, {conv.in_features})", 2, conv.in_features
-    else:
-        expected, rank, channels = f"(N, {conv.in_channels}, H, W)", 4, conv.in_channels
+    expected, rank, channels = _layout(conv)
     if x.dim() != rank or x.shape[1] != channels:
         raise UsageError(f"{type(conv).__name__} expects input of shape {expected}, got {tuple(x.shape)}")
 

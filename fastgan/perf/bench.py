@@ -30,6 +30,7 @@ from ..nn import fused_conv, reference
 from ..nn.models import DCGAN
 from ..nn.plan import FusedStep, plan
 from ..ops import backends
+from ..usage import UsageError, natural_int, positive_float, positive_int, width_int, writable_folder
 from . import flops
 
 FASTGAN_BACKENDS = tuple(b for b in backends.BACKENDS if b != "auto")
@@ -417,16 +418,16 @@ COMMON_OPTIONS = ("batch", "ngf", "ndf", "dtype", "backends", "compile_modes", "
 
 
 def add_common_arguments(parser, steps, warmup, compile_modes):
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--ngf", type=int, default=64)
-    parser.add_argument("--ndf", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=128, help="2 or more (BatchNorm in training mode)")
+    parser.add_argument("--ngf", type=width_int, default=64)
+    parser.add_argument("--ndf", type=width_int, default=64)
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="bf16: autocast and channels_last")
     parser.add_argument("--backends", type=comma_list(FASTGAN_BACKENDS), default=list(FASTGAN_BACKENDS),
                         help="fastgan backends to run, comma separated (default: all; unavailable ones are listed)")
     parser.add_argument("--compile-modes", type=comma_list(COMPILE_MODES), default=list(compile_modes),
                         help="torch.compile modes of the reference to run, comma separated, or 'none'")
-    parser.add_argument("--steps", type=int, default=steps, help="timed steps per implementation")
-    parser.add_argument("--warmup", type=int, default=warmup, help="steps run after the first one, untimed")
+    parser.add_argument("--steps", type=positive_int, default=steps, help="timed steps per implementation")
+    parser.add_argument("--warmup", type=natural_int, default=warmup, help="steps run after the first one, untimed")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--markdown", nargs="?", const=str(DEFAULT_RESULTS), default=None, metavar="PATH",
                         help=f"append a dated block with the table to PATH (default {DEFAULT_RESULTS})")
@@ -435,12 +436,12 @@ def add_common_arguments(parser, steps, warmup, compile_modes):
 def setup(args):
     """(device, config, peers, skipped) from the common arguments."""
     if args.batch < 2:
-        raise SystemExit("--batch must be at least 2 (BatchNorm in training mode)")
-    if args.steps < 1 or args.warmup < 0:
-        raise SystemExit("--steps must be at least 1 and --warmup at least 0")
-    device = torch.device(args.device) if args.device else backends.default_device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: CUDA is not available here; use --device cpu")
+        raise UsageError(f"--batch must be at least 2 (BatchNorm in training mode), got {args.batch}")
+    device = backends.parse_device(args.device)
+    if args.markdown:
+        if Path(args.markdown).is_dir():
+            raise UsageError(f"--markdown {args.markdown} is a folder; give the markdown file to append to")
+        writable_folder(str(Path(args.markdown).absolute().parent), f"the folder of --markdown {args.markdown}:")
     args.device = str(device)  # the recorded command names the device it ran on
     config = Config(args.batch, args.ngf, args.ndf, args.dtype)
     peers, skipped = [], []
@@ -452,7 +453,7 @@ def setup(args):
 
 def add_arguments(parser):
     add_common_arguments(parser, steps=50, warmup=10, compile_modes=COMPILE_MODES)
-    parser.add_argument("--peak-tflops", type=float, default=None,
+    parser.add_argument("--peak-tflops", type=positive_float, default=None,
                         help="the device's roof in TFLOP/s for the floor (default: measured with a matmul)")
 
 

@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from ..usage import writable_folder
 from . import bench
 
 CATEGORIES = ("conv/GEMM", "BN+elementwise", "loss", "optimizer", "copies", "other")
@@ -183,6 +184,7 @@ def add_arguments(parser):
 
 def run(args):
     device, config, peers, skipped = bench.setup(args)
+    writable_folder(args.trace_dir, "--trace-dir")
     name, versions = bench.environment(device)
     print(f"fastgan profile {config} on {name}; {versions}; {args.steps} profiled steps after {2 + args.warmup}")
     summaries, traces, failed = {}, [], []
