@@ -20,9 +20,10 @@ In about a minute:
 
 On a GPU the sizes are examples/dcgan's: batch 64, ngf = ndf = 64.  On a CPU they are smaller (batch 8,
 ngf = ndf = 8); fp16 and triton (CPU tensors run only in the Triton interpreter, far too slowly for this) are
-skipped there, and speed on a CPU is not what fastgan is for.  --batch and --size change the sizes.
---json PATH writes the same report, for a bug report.  The exit status is 1 when a check fails or a
-configuration does not run.
+skipped there, and speed on a CPU is not what fastgan is for.  --batch and --size change the sizes.  The first
+run on a machine also builds the extension and compiles the Triton kernels (minutes, once).
+--json PATH writes the same report, for a bug report.  The exit status is 1 when a correctness check fails or
+a configuration raises.
 """
 import contextlib
 import dataclasses
@@ -655,8 +656,13 @@ def run(args):
     log("\n" + speed_table(speed))
     for line in by_reason("skipped ", speed_skipped) + by_reason("FAILED ", speed_failed):
         log(line)
-    log("--quick: the torch.compile peers were skipped" if args.quick else
-        "each torch.compile peer ran in a subprocess of its own; its 'vs eager' is against eager timed there")
+    if args.quick:
+        log("--quick: the torch.compile peers were skipped")
+    else:
+        beside = "; ".join(f"{name}: eager {r['eager_ms_in_subprocess']:.2f} ms/step there" for name, r in speed.items()
+                           if "eager_ms_in_subprocess" in r)
+        log("each torch.compile peer ran in a subprocess of its own with eager beside it; its 'vs eager' is against "
+            "that eager" + (f" ({beside})" if beside else ""))
 
     best, line, why_not = verdict(peers, rows, parity_skipped, speed, speed_skipped, speed_failed)
     log("\n" + line)
