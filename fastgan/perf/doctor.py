@@ -429,12 +429,13 @@ def parity_tables(rows, size, device):
     return lines
 
 
-def by_reason(prefix, items):
-    """One line per reason: ``prefix name, name: reason`` for (name, reason) pairs."""
+def by_reason(prefix, items, said=()):
+    """One line per reason: ``prefix name, name: reason`` for (name, reason) pairs; "as above" for those ``said``."""
     names = {}
     for name, reason in items:
         names.setdefault(reason, []).append(name)
-    return [f"{prefix}{', '.join(group)}: {reason}" for reason, group in names.items()]
+    return [f"{prefix}{', '.join(group)}: {'as above' if reason in said else reason}"
+            for reason, group in names.items()]
 
 
 # ----------------------------------------------------------------------------------------------- speed
@@ -654,7 +655,8 @@ def run(args):
     speed, speed_skipped, speed_failed = measure_speed(speed_peers, config, device, steps, warmup, problems,
                                                        args.compile_timeout, log)
     log("\n" + speed_table(speed))
-    for line in by_reason("skipped ", speed_skipped) + by_reason("FAILED ", speed_failed):
+    said = {why for _, why in skipped}
+    for line in by_reason("skipped ", speed_skipped, said) + by_reason("FAILED ", speed_failed):
         log(line)
     if args.quick:
         log("--quick: the torch.compile peers were skipped")
