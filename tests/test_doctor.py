@@ -50,7 +50,8 @@ def test_doctor_cpu_end_to_end(tmp_path, capsys):
     if ("fastgan-cuda", "fp32") not in rows:  # the extension did not build: that is the reason given
         assert report["extension"]["status"] == "failed" and "fastgan-cuda" in verdict["not_recommended"]
 
-    assert "fp32; batch 2, ngf=ndf=4" in out and "bf16 autocast, against the fp32 reference" in out
+    assert "fp32, the train steps in float64; batch 2, ngf=ndf=4" in out
+    assert "bf16 autocast, against the fp32/float64 reference above" in out
     assert _row(out, "fastgan-torch")[-1] == "pass" and not re.search(r"e[+-]\d\d!", out)  # no value marked
     assert "--quick: the torch.compile peers were skipped" in out
     assert "speed on a CPU is not what fastgan is for" in out

@@ -10,8 +10,9 @@ In about a minute:
   against reference.train_step (losses, D outputs, parameters and running stats after them; the CUDA-graph
   step replays from its second call).  Each tensor's rel-L2 error is held against the tolerance of
   fastgan.perf.tolerances, with kernel outputs NaN-filled before the kernels write them.  fp32 runs with
-  TF32 off.  Under bf16/fp16 autocast the error is against the fp32 reference, and a tensor's tolerance is the
-  table's or twice the reference's own error on it under the same autocast, whichever is larger;
+  TF32 off, and its train steps in float64 (see step_dtype).  Under bf16/fp16 autocast the error is against
+  that exact reference, and a tensor's tolerance is the table's or twice the reference's own error on it under
+  the same autocast, whichever is larger;
 - speed: the median ms per train step of eager PyTorch, of the torch.compile peers that finish within
   --compile-timeout (each in a subprocess of its own, beside eager; --quick skips them) and of each fastgan
   configuration, as a ratio to eager, with peak memory (fastgan.perf.bench's peers and timer);
@@ -256,15 +257,23 @@ def _state(g, d):
     return state
 
 
+def step_dtype(dtype):
+    """The parameters' dtype of the train steps checked for ``dtype``.  The fp32 rows run them in float64, as
+    tests/test_train_step.py does: in fp32, Adam turns gradients at rounding level into lr-sized updates of
+    either sign, so two correct implementations already differ by ~1e-3 after two steps at batch 32."""
+    return torch.float64 if dtype == "fp32" else torch.float32
+
+
 def _train(step, g, d, inputs, device, dtype):
     for real, noise in inputs.batches:
         with _autocast(device, dtype):
-            values = step(real, noise)
+            values = step(real.to(step_dtype(dtype)), noise.to(step_dtype(dtype)))
     return {"step": {"losses and D outputs": torch.stack([v.float() for v in values]), **_state(g, d)}}
 
 
 def reference_results(inputs, device, dtype):
-    """The reference's results: exact fp32 (the truth) for "fp32", else under that dtype's autocast."""
+    """The reference's results: for "fp32" the truth (exact fp32; the train steps in float64), else under that
+    dtype's autocast."""
     g, d = reference.Generator(NZ, inputs.size.width), reference.Discriminator(ndf=inputs.size.width)
     results = {}
     for kind, model, state in (("G", g, inputs.weights[0]), ("D", d, inputs.weights[1])):
@@ -272,6 +281,7 @@ def reference_results(inputs, device, dtype):
         results.update(_forward_backward(kind, model.to(device), inputs, device, dtype))
     g.load_state_dict(inputs.weights[0])
     d.load_state_dict(inputs.weights[1])
+    g, d = g.to(dtype=step_dtype(dtype)), d.to(dtype=step_dtype(dtype))
     opt_g, opt_d = reference.make_optimizers(g, d)
     run_g, run_d = g, d
     if AUTOCAST[dtype] is not None:  # nn.BCELoss takes fp32 probabilities under autocast
@@ -293,7 +303,7 @@ def fastgan_results(peer, inputs, device, dtype):
     gan = DCGAN(NZ, width, width, backend=peer.backend)
     gan.generator.load_state_dict(inputs.weights[0])
     gan.discriminator.load_state_dict(inputs.weights[1])
-    fused_conv.set_level(gan.to(device), peer.level)
+    fused_conv.set_level(gan.to(device, step_dtype(dtype)), peer.level)
     capturable = {"capturable": True} if peer.cuda_graph else {}
     opt_g, opt_d = reference.make_optimizers(gan.generator, gan.discriminator, **bench.optimizer_kwargs(device),
                                              **capturable)
@@ -411,9 +421,9 @@ def parity_tables(rows, size, device):
     for dtype in dict.fromkeys(r.dtype for r in rows):
         table = [r for r in rows if r.dtype == dtype]
         if dtype == "fp32":
-            title = f"fp32{' (TF32 off)' if device.type == 'cuda' else ''}"
+            title = f"fp32{' (TF32 off)' if device.type == 'cuda' else ''}, the train steps in float64"
         else:
-            title = (f"{dtype} autocast, against the fp32 reference; a tensor's tolerance is "
+            title = (f"{dtype} autocast, against the fp32/float64 reference above; a tensor's tolerance is "
                      f"{TOLERANCES[dtype]['rel_l2']:.0e} or twice the reference's own error under {dtype} autocast")
         lines += ["", f"{title}; {size}"]
         uniform = len({c.tolerance for r in table for c in r.checks}) == 1
