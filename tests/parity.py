@@ -1,25 +1,14 @@
-"""Test helpers: what runs here, the tolerances of docs/design.md section 6, and the comparisons."""
+"""Test helpers: what runs here, the comparisons, and the tolerances of docs/design.md section 6
+(fastgan.perf.tolerances, the table fastgan doctor uses too)."""
 import pytest
 import torch
 
 from fastgan.ops import backends
+from fastgan.perf.tolerances import TOLERANCES, rel_l2
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = backends.triton_import_error() is None
 INTERPRETER = backends.interpreter_enabled()
-
-# docs/design.md section 6.  rel_l2: ||a-b|| / ||b||.
-TOLERANCES = {
-    "fp32": dict(atol=1e-4, rtol=1e-4, rel_l2=1e-3),  # exact fp32 (TF32 off)
-    "tf32": dict(atol=None, rtol=None, rel_l2=3e-3),
-    "fp16": dict(atol=None, rtol=None, rel_l2=2e-2),
-    "bf16": dict(atol=None, rtol=None, rel_l2=2e-2),
-}
-
-
-def rel_l2(actual, expected):
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 def assert_close(actual, expected, mode="fp32", what="output", grad=False):

@@ -22,6 +22,7 @@ COMMANDS = {
     "bench": "fastgan.perf.bench",
     "profile": "fastgan.perf.profiling",
     "build-ext": "fastgan.cli.build_ext",
+    "doctor": "fastgan.perf.doctor",
 }
 DEFAULT_COMMAND = "train"
 BUG_REPORTS = "the fastgan issue tracker"
