@@ -75,7 +75,7 @@ def test_folder_feeder_equals_todays_loader(tmp_path, nc):
         if i != broken:
             assert torch.equal(dataset[i][0], reference[i][0])
     _compare(dataset, reference, 3, failed=dataset.failed)
-    _compare(dataset, reference, 3, failed=dataset.failed, resident=False)  # the streamed path, on the CPU
+    _compare(dataset, reference, 3, failed=dataset.failed, resident=True)  # the device path's torch ops, on the CPU
 
 
 def test_a_batch_without_good_images(tmp_path):
@@ -85,6 +85,7 @@ def test_a_batch_without_good_images(tmp_path):
         (root / f"broken{i}.png").write_bytes(b"\x89PNG nothing")
     dataset = data.make_dataset("folder", str(root), 8, 3)
     assert len(dataset.failed) == 5
+    _compare(dataset, data.Folder(str(root), 8), 2, failed=dataset.failed, resident=True)
     batches = _compare(dataset, data.Folder(str(root), 8), 2, failed=dataset.failed)
     assert any(x is None for x, _ in batches) and any(x is not None and failed for x, failed in batches)
 
@@ -92,7 +93,7 @@ def test_a_batch_without_good_images(tmp_path):
 def test_builtin_feeder_equals_todays_loader():
     dataset = data.Builtin(12, length=37, seed=4)
     _compare(dataset, dataset, 4)
-    _compare(dataset, dataset, 4, resident=False)
+    _compare(dataset, dataset, 4, resident=True)
 
 
 def test_feeder_epochs_are_shuffles_and_resume_exactly():
@@ -109,7 +110,7 @@ def test_flip_mirrors_half_the_images_the_same_way_every_time():
     images = data.Builtin(8, length=400, seed=1).images
     plain = _batches(data.Feeder(images, 8, "cpu", seed=3).epoch(1))
     flipped = _batches(data.Feeder(images, 8, "cpu", seed=3, flip=True).epoch(1))
-    again = _batches(data.Feeder(images, 8, "cpu", seed=3, flip=True, resident=False).epoch(1))
+    again = _batches(data.Feeder(images, 8, "cpu", seed=3, flip=True, resident=True).epoch(1))
     _assert_same(again, flipped)
     mirrored = 0
     for (x, _), (y, _) in zip(plain, flipped):
