@@ -118,9 +118,9 @@ class Folder(Dataset):
         return (None if pixels is None else _normalise(torch.from_numpy(pixels.copy()))), index
 
 
-def cached(source, size, nc, cache_dir=None):
-    """The Images of ``source`` (an imagecache.Source), decoded into the cache once."""
-    return Images(*imagecache.load(source, size, nc, cache_dir))
+def cached(source, size, nc, cache_dir=None, workers=None):
+    """The Images of ``source`` (an imagecache.Source), decoded into the cache once (``workers`` processes)."""
+    return Images(*imagecache.load(source, size, nc, cache_dir, workers))
 
 
 def mnist(root, size, nc=1, cache_dir=None):
@@ -141,10 +141,10 @@ DATASETS = ("builtin", "fake", "folder", "mnist", "cifar10", "lsun")
 FOLDER_ALIASES = ("imagenet", "lfw")  # examples/dcgan's ImageFolder datasets
 
 
-def make_dataset(name, dataroot, size, nc, length=4096, seed=0, classes=None, cache_dir=None):
+def make_dataset(name, dataroot, size, nc, length=4096, seed=0, classes=None, cache_dir=None, workers=None):
     """The Images of --dataset ``name``.  length, seed: builtin's and fake's; classes: lsun's (a list, or names
     separated by commas; see formats.lsun_databases); cache_dir: where decoded images are cached (default:
-    see fastgan.cli.imagecache)."""
+    see fastgan.cli.imagecache); workers: the processes that decode image files into it (default: one per core)."""
     if name == "builtin":
         return Builtin(size, nc, length, seed)
     if name == "fake":
@@ -160,7 +160,7 @@ def make_dataset(name, dataroot, size, nc, length=4096, seed=0, classes=None, ca
     if name == "cifar10":
         return cifar10(dataroot, size, nc, cache_dir)
     source = imagecache.lsun_source(dataroot, classes) if name == "lsun" else imagecache.folder_source(name, dataroot)
-    return cached(source, size, nc, cache_dir)
+    return cached(source, size, nc, cache_dir, workers)
 
 
 def collate(batch):

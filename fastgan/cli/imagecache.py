@@ -174,9 +174,10 @@ class _Cache:
         return torch.from_numpy(np.memmap(self.data, dtype=np.uint8, mode="c", shape=(count, *self.shape)))
 
 
-def load(source, size, nc, cache_dir=None):
+def load(source, size, nc, cache_dir=None, workers=None):
     """(uint8 tensor (N, nc, size, size) mapped from the cache, {index: name} of the items that failed),
-    building or finishing the cache first if needed (DataError when it cannot be written)."""
+    building or finishing the cache first if needed, with ``workers`` decode processes (default: one per core);
+    DataError when it cannot be written."""
     import fcntl
 
     cache = _Cache(source, size, nc, cache_folder(source.root, cache_dir))
@@ -191,14 +192,14 @@ def load(source, size, nc, cache_dir=None):
         index, why = cache.read_index()
         if index is None or not index["complete"]:
             try:
-                index = _build(cache, source, index, why)
+                index = _build(cache, source, index, why, workers)
             except OSError as exc:
                 raise formats.DataError(f"cannot write the image cache {cache.data} ({exc}); free some space, "
                                         "or set FASTGAN_CACHE_DIR to another folder") from None
     return cache.tensor(index["count"]), index["failed"]
 
 
-def _build(cache, source, index, why):
+def _build(cache, source, index, why, workers):
     """Write (or finish) the cache; returns its index.  ``index``: a resumable partial build, or None."""
     items = source.items() if source.items else None
     arrays = None if items is not None else source.read()
@@ -222,7 +223,7 @@ def _build(cache, source, index, why):
     fd = os.open(cache.data, os.O_WRONLY)
     saved_at = time.perf_counter()
     done = start
-    chunks = _decode_files(source, items, start, cache.shape) if items is not None else (
+    chunks = _decode_files(items, start, cache.shape, workers) if items is not None else (
         (a, resize_array(arrays[a:a + 1024], cache.shape[1], cache.shape[0]), []) for a in range(start, count, 1024))
     try:
         with Counter(count, start, desc="caching images", unit="img") as counter:
@@ -252,10 +253,10 @@ def _cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _decode_files(source, items, start, shape):
+def _decode_files(items, start, shape, workers=None):
     """(first index, uint8 (k, C, S, S), failed offsets) per chunk of ``items[start:]``, in order."""
     starts = range(start, len(items), CHUNK)
-    workers = min(_cores(), len(starts))
+    workers = min(workers or _cores(), len(starts))
     with concurrent.futures.ProcessPoolExecutor(workers, initializer=signal.signal,
                                                 initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
         try:
