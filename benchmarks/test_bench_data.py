@@ -122,7 +122,7 @@ def test_mnist(benchmark, full, tmp_path, peer):
         dataset = _TodaysMnist(torch.from_numpy(pixels), SIZE)
         run = lambda: _epoch(data.epoch_loader(dataset, BATCH, 0, 1))  # noqa: E731
     else:
-        run = _feeder_epoch(data.make_dataset("mnist", str(tmp_path), SIZE, 1))
+        run = _feeder_epoch(data.make_dataset("mnist", str(tmp_path), SIZE, 1, cache_dir=str(tmp_path / "cache")))
     images = benchmark.pedantic(run, rounds=3 if full else 1)
     _rate(benchmark, images, peer=peer)
 
@@ -136,7 +136,7 @@ def test_cifar10(benchmark, full, tmp_path, peer):
         rows = rng.integers(0, 256, (10_000 if full else BATCH // 2, 3072), dtype=np.uint8)
         with open(tmp_path / f"data_batch_{i}", "wb") as f:
             pickle.dump({b"data": rows, b"labels": [0] * len(rows)}, f, protocol=2)
-    dataset = data.make_dataset("cifar10", str(tmp_path), SIZE, 3)
+    dataset = data.make_dataset("cifar10", str(tmp_path), SIZE, 3, cache_dir=str(tmp_path / "cache"))
     run = (lambda: _epoch(data.epoch_loader(dataset, BATCH, 0, 1))) if peer == "epoch_loader" else \
         _feeder_epoch(dataset)
     images = benchmark.pedantic(run, rounds=3 if full else 1)

@@ -1,6 +1,7 @@
 """The input pipeline: every format, the decoded-image cache, and the Feeder's batches against epoch_loader's."""
 import io
 import os
+import pathlib
 import pickle
 
 import numpy as np
@@ -257,25 +258,35 @@ def test_unknown_dataset():
 # ----------------------------------------------------------------------------- the cache
 
 
-def _cache_files(root):
-    folder = root / formats.CACHE_FOLDER
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path, monkeypatch):
+    """Each test's caches in a folder of its own (FASTGAN_CACHE_DIR/data)."""
+    monkeypatch.setenv("FASTGAN_CACHE_DIR", str(tmp_path / "cache-home"))
+
+
+def _cache_files():
+    folder = pathlib.Path(os.environ["FASTGAN_CACHE_DIR"]) / "data"
     return sorted(folder.iterdir()) if folder.exists() else []
 
 
-def test_the_cache_is_built_once_beside_the_data(tmp_path, capfd):
+def test_the_cache_is_built_once_away_from_the_data(tmp_path, capfd):
     root = _folder(tmp_path / "images")
+    before = sorted(root.rglob("*"))
     first = data.make_dataset("folder", str(root), 16, 3)
     assert "decoding 12 images" in capfd.readouterr().err
-    names = [p.name for p in _cache_files(root)]
+    names = [p.name for p in _cache_files()]
     assert len(names) == 3 and {n.rsplit(".", 1)[1] for n in names} == {"u8", "json", "lock"}
-    pixels = next(p for p in _cache_files(root) if p.suffix == ".u8")
+    assert all(n.startswith("folder-images-16x16x3-") for n in names)
+    pixels = next(p for p in _cache_files() if p.suffix == ".u8")
     stamp = pixels.stat().st_mtime_ns
     again = data.make_dataset("folder", str(root), 16, 3)
     assert capfd.readouterr().err == "" and pixels.stat().st_mtime_ns == stamp
     assert torch.equal(first.images, again.images) and again.failed == first.failed
     data.make_dataset("folder", str(root), 8, 1)  # another transform: a cache of its own
-    assert len(_cache_files(root)) == 6
-    assert len(data.Folder(str(root), 16)) == 12  # the cache folder is not data
+    assert len(_cache_files()) == 6
+    assert sorted(root.rglob("*")) == before  # nothing written beside the data
+    data.make_dataset("folder", str(root), 16, 3, cache_dir=str(tmp_path / "elsewhere"))
+    assert len(list((tmp_path / "elsewhere").glob("folder-images-16x16x3-*.u8"))) == 1
 
 
 def test_a_changed_source_rebuilds_the_cache(tmp_path, capfd):
@@ -300,7 +311,7 @@ def test_a_damaged_cache_is_rebuilt(tmp_path, capfd, damage, why):
     root = _folder(tmp_path / "images")
     good = data.make_dataset("folder", str(root), 16, 3).images.clone()
     capfd.readouterr()
-    pixels, index = (next(p for p in _cache_files(root) if p.suffix == suffix) for suffix in (".u8", ".json"))
+    pixels, index = (next(p for p in _cache_files() if p.suffix == suffix) for suffix in (".u8", ".json"))
     if damage == "truncate":
         os.truncate(pixels, 100)
     elif damage == "index":
@@ -338,14 +349,11 @@ def test_an_interrupted_build_resumes(tmp_path, monkeypatch, capfd):
     assert torch.equal(resumed.images, clean.images) and resumed.failed == clean.failed
 
 
-def test_a_read_only_dataroot_is_left_alone(tmp_path, monkeypatch):
+def test_an_unwritable_cache_folder_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
     root = _folder(tmp_path / "images")
-    monkeypatch.setattr(imagecache, "_writable", lambda folder: False)
-    monkeypatch.setenv("FASTGAN_CACHE_DIR", str(tmp_path / "home"))
-    dataset = data.make_dataset("folder", str(root), 16, 3)
-    assert not (root / formats.CACHE_FOLDER).exists()
-    assert len(list((tmp_path / "home" / "data").glob("folder-images-16x16x3-*.u8"))) == 1
-    assert torch.equal(dataset[0][0], data.Folder(str(root), 16)[0][0])
+    with pytest.raises(formats.DataError, match="cannot write the image cache in .*; point FASTGAN_CACHE_DIR at"):
+        data.make_dataset("folder", str(root), 16, 3, cache_dir=str(tmp_path / "file" / "cache"))
 
 
 @pytest.mark.gpu

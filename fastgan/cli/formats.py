@@ -26,7 +26,6 @@ except ImportError:  # the optional extra fastgan[lsun]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-CACHE_FOLDER = ".fastgan-cache"  # where fastgan.cli.imagecache may write inside a dataroot; never listed as data
 
 
 class DataError(UsageError):
@@ -47,11 +46,8 @@ def fit_image(file, size, nc):
 def image_files(root):
     if not os.path.isdir(root):
         raise DataError(f"--dataroot {root} is not a directory; point it at a folder of images")
-    files = []
-    for folder, subfolders, names in os.walk(root, followlinks=True):
-        if CACHE_FOLDER in subfolders:
-            subfolders.remove(CACHE_FOLDER)
-        files += [os.path.join(folder, name) for name in names if name.lower().endswith(IMAGE_EXTENSIONS)]
+    files = [os.path.join(folder, name) for folder, _, names in os.walk(root, followlinks=True) for name in names
+             if name.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
         raise DataError(f"--dataroot {root} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} "
                         "in it and its subfolders)")

@@ -2,9 +2,9 @@
 
     images, failed = load(source, size, nc)   # images: a uint8 tensor on the file; failed: {index: name}
 
-Where: ``cache_dir`` if given, else the folder .fastgan-cache beside the data (inside a folder dataroot,
-beside an MNIST file) when it can be written, else $FASTGAN_CACHE_DIR/data (default ~/.cache/fastgan/data).
-A read-only dataroot is never written to.
+Where: ``cache_dir`` if given, else $FASTGAN_CACHE_DIR/data (default ~/.cache/fastgan/data, as the extension's
+builds).  Never beside the data: a folder inside an image tree would be a class of its own to torchvision's
+ImageFolder (examples/dcgan's reader of the same dataroot), and a dataroot may be read-only or shared.
 
 Three files per cache: NAME.u8, the pixels, row-major (N, C, S, S); NAME.json, what they were made from (the
 source's stamp: every file's name, size and mtime; the transform; the format VERSION), how far the build got
@@ -95,24 +95,12 @@ def resize_array(pixels, size, nc):
     return x.contiguous().numpy()
 
 
-def cache_folder(root, explicit=None):
+def cache_folder(explicit=None):
     if explicit:
         return explicit
-    beside = os.path.join(root if os.path.isdir(root) else os.path.dirname(os.path.abspath(root)),
-                          formats.CACHE_FOLDER)
-    if _writable(beside):
-        return beside
     home = os.environ.get("FASTGAN_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fastgan")
     return os.path.join(home, "data")
-
-
-def _writable(folder):
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError:
-        return False
-    return os.access(folder, os.W_OK)
 
 
 def _say(text):
@@ -180,7 +168,7 @@ def load(source, size, nc, cache_dir=None, workers=None):
     DataError when it cannot be written."""
     import fcntl
 
-    cache = _Cache(source, size, nc, cache_folder(source.root, cache_dir))
+    cache = _Cache(source, size, nc, cache_folder(cache_dir))
     try:
         os.makedirs(os.path.dirname(cache.base), exist_ok=True)
         lock = open(cache.base + ".lock", "w")
