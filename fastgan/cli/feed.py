@@ -14,7 +14,8 @@ Where a batch is built:
 - resident (a GPU with room: the set takes under half its free memory): the whole uint8 set on the device; a
   batch is an index_select and three elementwise ops there, launched with no host sync.
 - on the host (the CPU; a GPU with less room): ``threads`` threads gather each batch's uint8 rows (numpy, which
-  releases the GIL and runs no thread pool of its own to oversubscribe the cores), ``prefetch`` batches ahead.
+  releases the GIL and runs no thread pool of its own: torch's OpenMP ops ran several times slower on a busy
+  machine), ``prefetch`` batches ahead.
   For the CPU they also normalise; for a GPU the rows go into pinned memory, are copied on a side stream and
   normalised on the consumer's stream.
 Either way can be forced with ``resident`` (resident on the CPU runs the device path's torch ops there).
@@ -22,7 +23,6 @@ Either way can be forced with ``resident`` (resident on the CPU runs the device 
 import collections
 import concurrent.futures
 import itertools
-import os
 
 import numpy as np
 import torch
@@ -75,9 +75,9 @@ class Feeder:
         self.resident = resident
         self.images = images.to(self.device) if resident else images
         self.pixels = None if resident else images.numpy()
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self.threads = threads or min(4, cores)
-        self.prefetch = prefetch or 2 * self.threads
+        # the CPU: one thread overlaps the consumer; more contend for the cores the consumer trains on
+        self.threads = threads or (2 if cuda else 1)
+        self.prefetch = prefetch or 2 * self.threads + 2
         self.copy_stream = torch.cuda.Stream(self.device) if cuda and not resident else None
 
     def describe(self):
