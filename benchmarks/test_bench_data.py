@@ -3,7 +3,8 @@
 One epoch per timed call; extra_info["images_per_s"] is the delivered rate at the median.  Peers per group:
 ``epoch_loader`` (fastgan.cli.data.epoch_loader: a DataLoader with collate, 0 workers, per-image Python),
 ``epoch_loader-decode`` (its folder pass: every file decoded, as every epoch did before the cache),
-``feeder`` (the cached uint8 set and fastgan.cli.feed.Feeder's batches), ``first-run`` (the cache built from the
+``feeder`` (the cached uint8 set and fastgan.cli.feed.Feeder's batches; ``feeder-2-threads``: two host
+threads instead of the CPU's default one), ``first-run`` (the cache built from the
 files, then an epoch of the Feeder).  Folder: CelebA-sized (178x218) JPEGs made here.  On a GPU, device-resident
 and streamed batches too.  In --benchmark-disable mode (CI) every set is small and each call runs once.
 """
@@ -50,11 +51,11 @@ def _feeder_epoch(dataset, device="cpu", **kwargs):
     return lambda: _epoch(feeder.epoch(0), feeder.device)
 
 
-@pytest.mark.parametrize("peer", ["epoch_loader", "feeder"])
+@pytest.mark.parametrize("peer", ["epoch_loader", "feeder", "feeder-2-threads"])
 def test_builtin(benchmark, full, peer):
     dataset = data.Builtin(SIZE, length=8192 if full else 2 * BATCH)
     run = (lambda: _epoch(data.epoch_loader(dataset, BATCH, 0, 1))) if peer == "epoch_loader" else \
-        _feeder_epoch(dataset)
+        _feeder_epoch(dataset, threads=2 if peer == "feeder-2-threads" else None)
     benchmark.group = "data builtin b128 64x64 cpu"
     images = benchmark.pedantic(run, rounds=5 if full else 1, warmup_rounds=1 if full else 0)
     _rate(benchmark, images, peer=peer)
