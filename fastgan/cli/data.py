@@ -1,32 +1,52 @@
-"""Training images: builtin (generated, no download), folder (any image tree), mnist (idx or npz files).
+"""Training images: builtin and fake (generated), folder/imagenet/lfw (image trees), mnist, cifar10 and lsun.
 
-Every dataset yields (image, index): image is a float32 (nc, size, size) tensor in [-1, 1], or None for a
-file that does not decode; :func:`collate` fills such places with repeats of the batch's good images and
-hands their indices to the training loop, which counts them.
+    dataset = make_dataset("folder", "~/celeba", size=64, nc=3)   # Images: uint8 (N, 3, 64, 64), decoded once
+    feeder = Feeder(dataset.images, batch, device, seed, rank, world_size, failed=dataset.failed)
+    for real, failed in feeder.epoch(epoch, skip_batches): ...     # float32 batches on the device (fastgan.cli.feed)
+
+The datasets read from files are decoded once into a cache (fastgan.cli.imagecache) and memory-mapped from it
+after.  Every dataset is also a torch Dataset of (image, index): image a float32 (nc, size, size) tensor in
+[-1, 1], or None for an item that did not decode; :func:`epoch_loader` batches one through a DataLoader with
+:func:`collate`, which fills such places with repeats of the batch's good images and hands their indices to
+the training loop, which counts them.  The Feeder gives the same batches, built on the device.
 """
-import gzip
 import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..usage import UsageError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-
-
-class DataError(UsageError):
-    """The data cannot be used as asked; the message says why and what to do."""
+from . import formats, imagecache
+from .feed import Feeder  # noqa: F401  (the batches of an Images set: data.Feeder)
+from .formats import IMAGE_EXTENSIONS, MNIST_FILES, DataError  # noqa: F401  (their old home)
 
 
-def _to_tensor(pixels):
-    """uint8 (H, W) or (H, W, C) array -> float32 (C, H, W) in [-1, 1]."""
-    t = torch.from_numpy(np.array(pixels))  # a copy: PIL's arrays are read-only
-    t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
-    return t.float().div_(127.5).sub_(1.0)
+def _normalise(pixels):
+    """uint8 (C, H, W) tensor -> float32 in [-1, 1]."""
+    return pixels.float().div_(127.5).sub_(1.0)
 
+
+class Images(Dataset):
+    """Decoded images: ``images`` uint8 (N, C, S, S) on the CPU (in memory, or mapped from a cache file) and
+    ``failed`` {index: name} of the items that did not decode (their rows are zeros)."""
+
+    def __init__(self, images, failed=None):
+        self.images, self.failed = images, dict(failed or {})
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return (None if index in self.failed else _normalise(self.images[index])), index
+
+    def name(self, index):
+        """What item ``index`` is, for a report: its file (LSUN: LMDB folder/key), else its position."""
+        return self.failed.get(index, f"image {index}")
+
+    @property
+    def files(self):
+        """{index: file} of the failed items: what Folder.files gives for them (a report's names; see name())."""
+        return self.failed
 
 BUILTIN_DRAWS = 24  # uniform numbers behind one builtin image
 
@@ -52,7 +72,7 @@ def _render_builtin(draws, size):
     return image * (1 - cover) + colour(21) * cover
 
 
-class Builtin(Dataset):
+class Builtin(Images):
     """Deterministic synthetic images, no download: image i depends only on (seed, i), whatever the length.
 
     Each is a smooth gradient between four random corner colours, with a disc and a square of random
@@ -60,7 +80,7 @@ class Builtin(Dataset):
     All are rendered at construction (uint8, nc*size*size bytes each): a batch costs an index."""
 
     def __init__(self, size, nc=3, length=4096, seed=0, chunk=512):
-        self.images = torch.empty(length, nc, size, size, dtype=torch.uint8)
+        super().__init__(torch.empty(length, nc, size, size, dtype=torch.uint8))
         rng = np.random.default_rng(seed)
         for start in range(0, length, chunk):  # rng's stream runs row by row: chunking changes nothing
             n = min(chunk, length - start)
@@ -70,113 +90,77 @@ class Builtin(Dataset):
             pixels = torch.from_numpy(np.rint(image * 255).astype(np.uint8))
             self.images[start:start + n] = pixels.permute(0, 3, 1, 2)
 
-    def __len__(self):
-        return len(self.images)
 
-    def __getitem__(self, index):
-        return self.images[index].float().div_(127.5).sub_(1.0), index
+class Fake(Images):
+    """Uniform random images, like examples/dcgan's --dataset fake: image i depends only on (seed, i)."""
+
+    def __init__(self, size, nc=3, length=4096, seed=0):
+        images = torch.empty(length, nc, size, size, dtype=torch.uint8)
+        for i in range(length):  # a generator per image: the same images whatever the length
+            torch.randint(0, 256, images.shape[1:], generator=torch.Generator().manual_seed(seed * 1_000_003 + i),
+                          dtype=torch.uint8, out=images[i])
+        super().__init__(images)
 
 
 class Folder(Dataset):
     """Every image file under ``root`` (recursively, sorted), scaled so that its shorter side is ``size``,
-    centre-cropped to size x size, RGB (nc=3) or greyscale (nc=1).  A file that does not decode yields None."""
+    centre-cropped to size x size, RGB (nc=3) or greyscale (nc=1), decoded on each access (make_dataset's
+    "folder" decodes once, into a cache, the same way).  A file that does not decode yields None."""
 
     def __init__(self, root, size, nc=3):
-        if not os.path.isdir(root):
-            raise DataError(f"--dataroot {root} is not a directory; point it at a folder of images")
-        self.files = sorted(os.path.join(d, f) for d, _, files in os.walk(root, followlinks=True) for f in files
-                            if f.lower().endswith(IMAGE_EXTENSIONS))
-        if not self.files:
-            raise DataError(f"--dataroot {root} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} "
-                            "in it and its subfolders)")
-        self.size, self.mode = size, "RGB" if nc == 3 else "L"
+        self.files, self.size, self.nc = formats.image_files(root), size, nc
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, index):
-        from PIL import Image, ImageOps
-
-        try:
-            with Image.open(self.files[index]) as image:
-                image = ImageOps.fit(image.convert(self.mode), (self.size, self.size), Image.BILINEAR)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            return None, index
-        return _to_tensor(np.asarray(image)), index
+        pixels = formats.fit_image(self.files[index], self.size, self.nc)
+        return (None if pixels is None else _normalise(torch.from_numpy(pixels.copy()))), index
 
 
-class Tensors(Dataset):
-    """uint8 images (N, H, W) in memory, resized on access to size x size."""
-
-    def __init__(self, images, size):
-        self.images, self.size = images, size
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        image = self.images[index].float().div(127.5).sub(1.0)[None]
-        if image.shape[-1] != self.size:
-            image = F.interpolate(image[None], size=(self.size, self.size), mode="bilinear", antialias=True,
-                                  align_corners=False)[0]
-        return image, index
+def cached(source, size, nc, cache_dir=None, workers=None):
+    """The Images of ``source`` (an imagecache.Source), decoded into the cache once (``workers`` processes)."""
+    return Images(*imagecache.load(source, size, nc, cache_dir, workers))
 
 
-def _read_idx(path):
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[:3] != b"\0\0\x08" or data[3] != 3:
-        raise DataError(f"{path} is not an idx file of uint8 images (magic 0x00000803)")
-    n, h, w = np.frombuffer(data, dtype=">u4", count=3, offset=4)
-    if len(data) != 16 + int(n) * int(h) * int(w):
-        raise DataError(f"{path} holds {len(data) - 16} bytes of pixels, expected {n}x{h}x{w}: the file is cut short")
-    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(int(n), int(h), int(w))
-
-
-def _read_npz(path):
-    with np.load(path) as archive:
-        for key in ("x_train", "images", *archive.files):
-            if key in archive.files and archive[key].ndim == 3:
-                return archive[key]
-    raise DataError(f"{path} has no (N, H, W) image array (looked for x_train, images, then any 3-d array)")
-
-
-MNIST_FILES = ("train-images-idx3-ubyte", "train-images.idx3-ubyte", "train-images-idx3-ubyte.gz", "mnist.npz")
-
-
-def mnist(root, size):
+def mnist(root, size, nc=1, cache_dir=None):
     """MNIST (or any greyscale set) from an idx file, optionally gzipped, or an npz (Keras' mnist.npz):
     ``root`` is the file, or a folder holding one of MNIST_FILES (also under raw/ or MNIST/raw/)."""
-    candidates = [root] if os.path.isfile(root) else [
-        os.path.join(root, sub, name) for sub in ("", "raw", os.path.join("MNIST", "raw")) for name in MNIST_FILES]
-    path = next((p for p in candidates if os.path.isfile(p)), None)
-    if path is None:
-        raise DataError(f"--dataroot {root}: no MNIST file found; expected one of {', '.join(MNIST_FILES)} "
-                        "(in it, raw/ or MNIST/raw/), or the path of an idx/npz file")
-    images = _read_npz(path) if path.endswith(".npz") else _read_idx(path)
-    if images.dtype != np.uint8:
-        images = np.clip(images * (255.0 if images.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-    return Tensors(torch.from_numpy(np.array(images)), size)  # a copy: np.frombuffer arrays are read-only
+    path = formats.mnist_file(root)
+    return cached(imagecache.array_source("mnist", root, [path], formats.read_mnist), size, nc, cache_dir)
 
 
-DATASETS = ("builtin", "folder", "mnist")
+def cifar10(root, size, nc=3, cache_dir=None):
+    """CIFAR-10's 50,000 training images from its python batches (data_batch_1 .. 5, in root or in
+    root/cifar-10-batches-py)."""
+    paths = formats.cifar10_files(root)
+    return cached(imagecache.array_source("cifar10", root, paths, formats.read_cifar10), size, nc, cache_dir)
+
+
+DATASETS = ("builtin", "fake", "folder", "mnist", "cifar10", "lsun")
 FOLDER_ALIASES = ("imagenet", "lfw")  # examples/dcgan's ImageFolder datasets
 
 
-def make_dataset(name, dataroot, size, nc, length=4096, seed=0):
+def make_dataset(name, dataroot, size, nc, length=4096, seed=0, classes=None, cache_dir=None, workers=None):
+    """The Images of --dataset ``name``.  length, seed: builtin's and fake's; classes: lsun's (a list, or names
+    separated by commas; see formats.lsun_databases); cache_dir: where decoded images are cached (default:
+    see fastgan.cli.imagecache); workers: the processes that decode image files into it (default: one per core)."""
     if name == "builtin":
         return Builtin(size, nc, length, seed)
+    if name == "fake":
+        return Fake(size, nc, length, seed)
+    if name not in (*DATASETS, *FOLDER_ALIASES):
+        raise DataError(f"--dataset {name} is not supported; use one of {', '.join(DATASETS + FOLDER_ALIASES)}")
     if dataroot is None:
         raise DataError(f"--dataset {name} needs --dataroot")
     if not os.path.exists(dataroot):
         raise DataError(f"--dataroot {dataroot} does not exist")
-    if name in ("folder", *FOLDER_ALIASES):
-        return Folder(dataroot, size, nc)
     if name == "mnist":
-        return mnist(dataroot, size)
-    raise DataError(f"--dataset {name} is not supported; use one of {', '.join(DATASETS)} "
-                    "(for cifar10/lsun, export the images to a folder and use --dataset folder)")
+        return mnist(dataroot, size, nc, cache_dir)
+    if name == "cifar10":
+        return cifar10(dataroot, size, nc, cache_dir)
+    source = imagecache.lsun_source(dataroot, classes) if name == "lsun" else imagecache.folder_source(name, dataroot)
+    return cached(source, size, nc, cache_dir, workers)
 
 
 def collate(batch):

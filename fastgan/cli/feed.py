@@ -1,0 +1,172 @@
+"""Batches built without per-image Python: a uint8 image set indexed, normalised and flipped in whole batches.
+
+    feeder = Feeder(images, batch_size, device, seed, rank, world_size, failed={i: name}, flip=False)
+    for real, failed in feeder.epoch(epoch, skip_batches):  # real: float32 (B, C, S, S) in [-1, 1] on device
+        ...
+
+The batches are epoch_loader's (fastgan.cli.data) to the bit: a DistributedSampler shuffle from (seed, epoch)
+for this rank, incomplete batches dropped, the first ``skip_batches`` left out (a resumed epoch), x / 127.5 - 1
+in fp32; a failed item's place goes to a repeat of the batch's good images (collate's rule) and its index into
+``failed``; a batch without a good image comes as (None, failed).  ``flip``: each image mirrored left-right
+with probability 1/2, drawn from (seed, epoch, rank), so a resumed epoch flips the same images.
+
+Where a batch is built:
+- resident (a GPU with room: the set takes under half its free memory): the whole uint8 set on the device; a
+  batch is an index_select and three elementwise ops there, launched with no host sync.
+- on the host (the CPU; a GPU with less room): ``threads`` threads gather each batch's uint8 rows (numpy, which
+  releases the GIL and runs no thread pool of its own: torch's OpenMP ops ran several times slower on a busy
+  machine), ``prefetch`` batches ahead.
+  For the CPU they also normalise; for a GPU the rows go into pinned memory, are copied on a side stream and
+  normalised on the consumer's stream.
+Either way can be forced with ``resident`` (resident on the CPU runs the device path's torch ops there).
+"""
+import collections
+import concurrent.futures
+import itertools
+
+import numpy as np
+import torch
+from torch.utils.data import DistributedSampler
+
+RESIDENT_SHARE = 0.5  # of the GPU's free memory that a resident set may take
+
+
+def epoch_indices(n, batch_size, epoch, seed, rank=0, world_size=1):
+    """int64 (steps, batch_size): this rank's batches of one epoch of an n-item set, as epoch_loader orders them."""
+    sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    sampler.set_epoch(epoch)
+    order = np.fromiter(iter(sampler), dtype=np.int64)
+    steps = len(order) // batch_size
+    return order[:steps * batch_size].reshape(steps, batch_size)
+
+
+def fill_failed(rows, failed):
+    """collate's rule on index batches (steps, B), in place: a failed item's place goes to the batch's good ones,
+    good first, then repeats.  Returns ({step: failed indices}, {steps with no good item})."""
+    bad = np.isin(rows, np.fromiter(failed, dtype=np.int64, count=len(failed)))
+    lost, dead = {}, set()
+    for step in np.flatnonzero(bad.any(axis=1)):
+        good = rows[step][~bad[step]]
+        lost[int(step)] = rows[step][bad[step]].tolist()
+        if len(good):
+            rows[step] = np.concatenate([good, good[np.arange(bad[step].sum()) % len(good)]])
+        else:
+            dead.add(int(step))
+    return lost, dead
+
+
+class Feeder:
+    """This rank's batches of ``images`` (uint8 (N, C, S, S), CPU, e.g. memory-mapped) on ``device``.
+
+    ``resident``: None decides (see the module), True/False force it (a set forced resident on a GPU must fit).
+    ``memory_format``: the batches' (torch.channels_last for a channels-last model)."""
+
+    def __init__(self, images, batch_size, device, seed, rank=0, world_size=1, failed=(), flip=False,
+                 memory_format=torch.contiguous_format, resident=None, threads=None, prefetch=None):
+        self.device = torch.device(device)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.failed, self.flip, self.memory_format = set(failed), flip, memory_format
+        self.n = len(images)
+        self.steps_per_epoch = self.n // world_size // batch_size
+        cuda = self.device.type == "cuda"
+        if resident is None:
+            resident = cuda and images.nbytes < RESIDENT_SHARE * torch.cuda.mem_get_info(self.device)[0]
+        self.resident = resident
+        self.images = images.to(self.device) if resident else images
+        self.pixels = None if resident else images.numpy()
+        # the CPU: one thread overlaps the consumer; more contend for the cores the consumer trains on
+        self.threads = threads or (2 if cuda else 1)
+        self.prefetch = prefetch or 2 * self.threads + 2
+        self.copy_stream = torch.cuda.Stream(self.device) if cuda and not resident else None
+
+    def describe(self):
+        size = f"{self.images.nbytes / 2**20:.0f} MiB of uint8 images"
+        if self.resident:
+            return f"{size} in {self.device} memory, batches built there"
+        pinned = ", pinned, copied asynchronously" if self.copy_stream is not None else ""
+        return f"{size} in host memory, batches built by {self.threads} threads{pinned}, {self.prefetch} ahead"
+
+    def epoch(self, epoch, skip_batches=0):
+        """The batches of ``epoch`` from batch ``skip_batches`` on, as an iterable with a length."""
+        return _Epoch(self, epoch, skip_batches)
+
+    def _plan(self, epoch, skip_batches):
+        rows = epoch_indices(self.n, self.batch_size, epoch, self.seed, self.rank, self.world_size)
+        flips = None
+        if self.flip:
+            flips = np.random.default_rng([self.seed, epoch, self.rank]).random(rows.shape)[skip_batches:] < 0.5
+        rows = rows[skip_batches:]
+        lost, dead = fill_failed(rows, self.failed) if self.failed else ({}, set())
+        return rows, flips, lost, dead
+
+    def _normalise(self, pixels, flips):
+        """uint8 (B, C, S, S) tensor on the device -> float32 x / 127.5 - 1, mirrored where ``flips``."""
+        if flips is not None:
+            pixels = torch.where(flips.view(-1, 1, 1, 1), pixels.flip(3), pixels)
+        out = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device, memory_format=self.memory_format)
+        return out.copy_(pixels).div_(127.5).sub_(1.0)
+
+    def _resident(self, rows, flips, lost, dead):
+        rows = torch.from_numpy(rows).to(self.device, non_blocking=True)
+        flips = torch.from_numpy(flips).to(self.device, non_blocking=True) if flips is not None else None
+        for step in range(len(rows)):
+            if step in dead:
+                yield None, lost[step]
+                continue
+            pixels = self.images.index_select(0, rows[step])
+            yield self._normalise(pixels, flips[step] if flips is not None else None), lost.get(step, [])
+
+    def _host_batch(self, rows, flips):
+        """Runs in a thread: the batch's uint8 rows, mirrored where ``flips``; for the CPU, normalised (numpy)."""
+        cuda = self.copy_stream is not None
+        out = torch.empty((len(rows), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=cuda)
+        pixels = np.take(self.pixels, rows, axis=0, out=out.numpy(), mode="clip")  # clip: unbuffered; rows are valid
+        if flips is not None:
+            pixels[flips] = pixels[flips][..., ::-1]
+        if cuda:
+            return out
+        batch = torch.empty(out.shape, dtype=torch.float32, memory_format=self.memory_format)
+        values = batch.numpy()  # a view, with the batch's strides
+        np.divide(pixels, np.float32(127.5), out=values, dtype=np.float32)
+        np.subtract(values, np.float32(1.0), out=values)
+        return batch
+
+    def _on_host(self, rows, flips, lost, dead):
+        todo = iter([step for step in range(len(rows)) if step not in dead])
+        with concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="fastgan-feed") as pool:
+            ahead = collections.deque()  # the futures of the next batches, in order
+            try:
+                for step in range(len(rows)):
+                    if step in dead:
+                        yield None, lost[step]
+                        continue
+                    for s in itertools.islice(todo, self.prefetch - len(ahead)):
+                        ahead.append(pool.submit(self._host_batch, rows[s], None if flips is None else flips[s]))
+                    batch = ahead.popleft().result()
+                    yield (self._to_device(batch) if self.copy_stream is not None else batch), lost.get(step, [])
+            finally:
+                for future in ahead:
+                    future.cancel()
+
+    def _to_device(self, pixels):
+        """Pinned uint8 rows -> the normalised batch on the GPU; the copy overlaps the consumer's work."""
+        with torch.cuda.stream(self.copy_stream):
+            moved = pixels.to(self.device, non_blocking=True)
+        consumer = torch.cuda.current_stream(self.device)
+        consumer.wait_stream(self.copy_stream)
+        moved.record_stream(consumer)  # allocated on the copy stream, used on the consumer's
+        return self._normalise(moved, None)
+
+
+class _Epoch:
+    def __init__(self, feeder, epoch, skip_batches):
+        self.feeder, self.epoch, self.skip_batches = feeder, epoch, skip_batches
+
+    def __len__(self):
+        return max(0, self.feeder.steps_per_epoch - self.skip_batches)
+
+    def __iter__(self):
+        f = self.feeder
+        plan = f._plan(self.epoch, self.skip_batches)
+        return f._resident(*plan) if f.resident else f._on_host(*plan)
