@@ -17,6 +17,7 @@ with the train_state beside them) continues bit for bit as if the run had never 
 replaces checkpoints it did not write: not another run's, nor later ones of its own (--force does).
 """
 import argparse
+import collections
 import contextlib
 import dataclasses
 import math
@@ -37,25 +38,29 @@ from ..nn.layers import fuse
 from ..ops import backends
 from ..usage import (UsageError, int_at_least_2, natural_float, natural_int, positive_float, positive_int, seed_int,
                      unit_float, width_int, writable_folder)
-from . import checkpoints, data
+from . import checkpoints, data, progress
 from .common import check_backend, read_checkpoint
 from .sample import sample_noise, save_grid
 
 CPU_BATCH, CPU_WIDTH_DIVISOR = 16, 4  # defaults without a GPU: batch 16, a quarter of the preset's widths
 N_FIXED = 64  # images in each sample grid
 SAVE_EVERY = 1000  # default --save-every: at most this many steps are lost to a crash or SIGKILL
-DATA_DEFAULTS = dict(dataset="builtin", dataroot=None, builtin_images=4096, builtin_seed=0)  # resuming: the run's
+DATA_DEFAULTS = dict(dataset="builtin", dataroot=None, classes=None, builtin_images=4096,
+                     builtin_seed=0)  # resuming: the run's
 
 
 def add_arguments(parser):
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     a = parser.add_argument
     a("--dataset", choices=(*data.DATASETS, *data.FOLDER_ALIASES),
-      help="builtin: generated, no download (default); folder: any image tree; mnist: idx or npz files "
-           "(resuming: the run's)")
-    a("--dataroot", help="the folder (or mnist file) for --dataset folder|mnist")
+      help="builtin: generated, no download (default); fake: random images; folder (imagenet, lfw): any image "
+           "tree; mnist: idx or npz files; cifar10: its python batches; lsun: its LMDB folders (resuming: the run's)")
+    a("--dataroot", help="the folder (or mnist file) of the data; files are decoded once into a cache "
+                         "(FASTGAN_CACHE_DIR, default ~/.cache/fastgan/data)")
+    a("--classes", help="lsun: the categories, comma separated (default: bedroom)")
     a("--workers", type=natural_int,
-      help="data loader processes (default: up to 8 for folder; 0 for the in-memory sets)")
+      help="processes that decode the images into the cache on its first use (default: one per core; 0 and 1: "
+           "one)")
     a("--batchSize", type=int_at_least_2, help=f"total over all processes (default: 64; {CPU_BATCH} without a GPU)")
     a("--imageSize", type=positive_int, help="must match the preset (default: the preset's)")
     a("--nz", type=width_int, help="latent size (default: the preset's, 100)")
@@ -92,7 +97,13 @@ def add_arguments(parser):
     a("--sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over the global batch")
     a("--builtin-images", type=positive_int, help="size of the builtin dataset (default 4096)")
     a("--builtin-seed", type=seed_int, help="seed of the builtin dataset (default 0)")
-    a("--log-every", type=positive_int, default=10, help="batches between progress-bar updates")
+    a("--log-every", type=positive_int, default=10,
+      help="batches between progress updates (a line each when stdout is not a terminal); the only reads of "
+           "the losses from the GPU")
+    a("--dry-run", action="store_true", help="train one step to check that the setup works, and write nothing")
+    a("--cuda", action="store_true", help="examples/dcgan's: train on the GPU (the default when there is one)")
+    a("--ngpu", type=positive_int, help="examples/dcgan's: for several GPUs use torchrun --nproc-per-node N")
+    a("--mps", action="store_true", help="examples/dcgan's Apple GPU flag: not supported, fastgan runs on CUDA and CPU")
 
 
 @dataclasses.dataclass
@@ -340,10 +351,9 @@ class Run:
             seed, run_id = shared
         self.seed, self.run_id = seed, run_id
         torch.manual_seed(seed)
-        folder = args.dataset in ("folder", *data.FOLDER_ALIASES)
-        self.workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if folder else 0)
         self.dataset = data.make_dataset(args.dataset, args.dataroot, self.s.image_size, self.s.nc,
-                                         args.builtin_images, args.builtin_seed)
+                                         args.builtin_images, args.builtin_seed, classes=args.classes,
+                                         workers=args.workers and max(1, args.workers))
         trained_on = (saved or {}).get("data", {}).get("size", len(self.dataset))
         if trained_on != len(self.dataset) and context.main:
             print(f"fastgan train: note: the run being resumed trained on {trained_on} images, this data has "
@@ -368,6 +378,9 @@ class Run:
             distributed.sync_batchnorm(G)
             distributed.sync_batchnorm(D)
         self.trainer = Trainer(G, D, self.s, context, args.backend, args.amp, self.gp_weight, seed)
+        # after the models are on the device, so that a set kept on the GPU fits beside them
+        self.feeder = data.Feeder(self.dataset.images, self.per_rank, device, seed, context.rank, context.world_size,
+                                  failed=self.dataset.failed, memory_format=fmt)
         self.fixed_noise = sample_noise(N_FIXED, self.s.nz, self.s.noise, "cpu",
                                         torch.Generator().manual_seed(seed)).to(device)
         self.epoch, self.batch, self.step, self.history, self.failed = 0, 0, 0, [], set()
@@ -381,7 +394,8 @@ class Run:
                 torch.set_rng_state(saved["rng"]["torch"])
             if self.batch >= self.steps_per_epoch:
                 self.epoch, self.batch = self.epoch + 1, 0
-        self.pending, self.last = [], [math.nan] * 5
+        self.pending, self.arriving, self.last = [], collections.deque(), [math.nan] * 5
+        self.max_steps = self.step + 1 if args.dry_run else (math.inf if args.max_steps is None else args.max_steps)
         self.saved_step = self.step if saved else None  # the step of the newest checkpoint of this run
         self.stopping = None  # the signal that asked the run to stop
         self.agreed_stop = False  # distributed: every rank stops at the same step
@@ -522,14 +536,17 @@ class Run:
 
     def data_record(self):
         a = self.args
-        return dict(dataset=a.dataset, dataroot=a.dataroot and os.path.abspath(a.dataroot),
+        return dict(dataset=a.dataset, dataroot=a.dataroot and os.path.abspath(a.dataroot), classes=a.classes,
                     builtin_images=a.builtin_images, builtin_seed=a.builtin_seed, size=len(self.dataset))
 
     def save(self, kind):
         """Save the position reached; returns the paths written.  kind: "interval" writes checkpoint.pt;
         "interrupt" also the loss curve; "epoch" and "final" first the epoch's set, then checkpoint.pt, the
-        sample grid and the loss curve.  Rank 0 writes; every rank draws the grid (sync-bn is collective)."""
-        self.flush()
+        sample grid and the loss curve.  Rank 0 writes; every rank draws the grid (sync-bn is collective).
+        A --dry-run writes nothing."""
+        self.collect(wait=True)
+        if self.args.dry_run:
+            return []
         images = self.sample_grid() if kind in ("epoch", "final") else None
         if not self.context.main:
             self.saved_step = self.step
@@ -577,27 +594,17 @@ class Run:
     def should_stop(self):
         return self.agreed_stop if self.context.distributed else self.stopping is not None
 
-    def loader(self):
-        """This epoch's batches from where the run stands.  The loader's draws come from a seed of (seed, epoch)
-        and leave the global RNG alone, so a resumed run's RNG states are the uninterrupted run's."""
-        c = self.context
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
-            return iter(data.epoch_loader(self.dataset, self.per_rank, self.epoch, self.seed, c.rank, c.world_size,
-                                          self.batch, self.workers, pin_memory=c.device.type == "cuda"))
-
     def loop(self):
         """Epochs until --niter or --max-steps, or a signal; returns (the paths the last save wrote, whether the
-        run reached its end)."""
-        from tqdm import tqdm
-
+        run reached its end).  The batches are the Feeder's from where the run stands; its shuffle draws from
+        (seed, epoch) only, so a resumed run's RNG states are the uninterrupted run's."""
         args, c = self.args, self.context
-        max_steps = args.max_steps if args.max_steps is not None else math.inf
+        max_steps = self.max_steps
         written = []
         while self.epoch < args.niter and self.step < max_steps and not self.should_stop():
-            with tqdm(total=self.steps_per_epoch, initial=self.batch, desc=f"epoch {self.epoch}/{args.niter}",
-                      disable=not c.main, dynamic_ncols=True, file=sys.stdout) as bar:
-                written = self._epoch(self.loader(), bar, max_steps) or written
+            with progress.EpochProgress(self.steps_per_epoch, self.batch, self.epoch, args.niter,
+                                        enabled=c.main) as bar:
+                written = self._epoch(iter(self.feeder.epoch(self.epoch, self.batch)), bar, max_steps) or written
             if self.batch == self.steps_per_epoch:
                 written = self.save("epoch")
                 self.epoch, self.batch = self.epoch + 1, 0
@@ -608,37 +615,24 @@ class Run:
 
     def _epoch(self, batches, bar, max_steps):
         args, c = self.args, self.context
-        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
         window_start, window_images, written = time.perf_counter(), 0, None
         while self.batch < self.steps_per_epoch and not self.should_stop():
-            try:
-                real, failed = next(batches)
-            except StopIteration:
-                break
-            except Exception:  # a loader worker ended by the same Ctrl-C: stop at this step boundary
-                if self.stopping is not None:
-                    self.agreed_stop = True
-                    break
-                raise
-            if self.should_stop():
+            real, failed = next(batches, (None, None))
+            if failed is None or self.should_stop():
                 break
             self.failed.update(failed)
             if real is None:
                 raise UsageError("every image of a batch failed to decode; check the files under "
                                  f"--dataroot {args.dataroot}")
-            if self.step == 0 and c.main:
+            if self.step == 0 and c.main and not args.dry_run:
                 save_grid(real[:N_FIXED], os.path.join(self.outf, "real_samples.png"))
-            real = real.to(c.device, memory_format=fmt, non_blocking=True)
             self.pending.append(self.trainer.step(real))
             self.step, self.batch = self.step + 1, self.batch + 1
             window_images += self.s.batch_size
             bar.update(1)
             if len(self.pending) >= args.log_every or self.batch == self.steps_per_epoch or self.step >= max_steps:
-                last = self.flush()
-                rate = window_images / (time.perf_counter() - window_start)
-                v = [f"{x:.3f}" if math.isfinite(x) else "-" for x in last]  # "-": no G step yet
-                bar.set_postfix(dict(Loss_D=v[0], Loss_G=v[1], D_x=v[2], D_G_z=f"{v[3]}/{v[4]}", img_s=f"{rate:.0f}"),
-                                refresh=False)
+                last = self.collect(wait=self.step >= max_steps)
+                bar.report(last, window_images / (time.perf_counter() - window_start))
                 window_start, window_images = time.perf_counter(), 0
                 if c.distributed:  # the ranks agree here, where they wait for the losses anyway
                     flag = torch.tensor([0 if self.stopping is None else 1], device=c.device)
@@ -651,15 +645,28 @@ class Run:
                 written = self.save("interval")
         return written
 
-    def flush(self):
-        """Move the pending step results into the history; returns the latest value of each statistic."""
+    def collect(self, wait):
+        """Start copying the pending step results to the host, and move the copies that have arrived into the
+        history (all of them when ``wait``); returns the latest value of each statistic.
+
+        Only ``wait`` waits for the device: between checkpoints a window's losses are read when the next window
+        is logged, by then long computed, so the step stream never stalls on them."""
         if self.pending:
-            rows = torch.stack(self.pending).cpu().tolist()
-            first = self.step - len(rows)
+            rows = torch.stack(self.pending)
+            host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=rows.is_cuda).copy_(rows, non_blocking=True)
+            arrived = torch.cuda.Event() if rows.is_cuda else None
+            if arrived is not None:
+                arrived.record()
+            self.arriving.append((self.step - len(self.pending), host, arrived))
+            self.pending = []
+        while self.arriving and (wait or self.arriving[0][2] is None or self.arriving[0][2].query()):
+            first, host, arrived = self.arriving.popleft()
+            if arrived is not None:
+                arrived.synchronize()
+            rows = host.tolist()
             self.history += [[first + i, r[0], r[1]] for i, r in enumerate(rows)]
             for r in rows:
                 self.last = [v if math.isfinite(v) else old for v, old in zip(r, self.last)]
-            self.pending = []
         return self.last
 
     def failed_files(self):
@@ -683,10 +690,34 @@ def _origin(record):
     return f"run {record.get('run_id', 'without an id')}, step {record.get('step')}"
 
 
+def examples_dcgan_flags(args):
+    """examples/dcgan's --cuda, --mps and --ngpu, in terms of --device and torchrun."""
+    if args.mps:
+        raise UsageError("--mps: fastgan's kernels run on CUDA GPUs and on the CPU, not on Apple's MPS; drop --mps "
+                         "to train on the CPU")
+    if args.cuda:
+        if args.device and torch.device(args.device).type != "cuda":
+            raise UsageError(f"--cuda and --device {args.device} disagree; drop one of them")
+        if not torch.cuda.is_available():
+            raise UsageError("--cuda: no CUDA device is available here; drop --cuda to train on the CPU")
+        args.device = args.device or "cuda"
+    if args.ngpu and args.ngpu > 1:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            print(f"fastgan train: --ngpu {args.ngpu} is ignored under torchrun: each process trains on one GPU "
+                  "and --nproc-per-node sets how many", flush=True)
+        else:
+            raise UsageError(f"--ngpu {args.ngpu}: fastgan trains on several GPUs with one process each: "
+                             f"torchrun --nproc-per-node {args.ngpu} -m fastgan train ... (and drop --ngpu)")
+
+
 def run(args):
+    examples_dcgan_flags(args)
     context = distributed.setup(backends.parse_device(args.device))
     check_backend(args.backend, context.device)
-    train = Run(args, context)
+    try:
+        train = Run(args, context)
+    except KeyboardInterrupt:  # while the image cache was being built: it said where it stopped
+        raise SystemExit("fastgan train: interrupted before training started") from None
     try:
         return _run(args, context, train)
     finally:
@@ -694,15 +725,25 @@ def run(args):
             torch.distributed.destroy_process_group()
 
 
+def _dry_run(train):
+    """--dry-run: one step, nothing written."""
+    train.loop()
+    if train.context.main:
+        print(f"dry run: one step of {train.s.batch_size} images trained; nothing written")
+    return 0
+
+
 def _run(args, context, train):
     if context.main:
         print(train.describe(), flush=True)
         if args.sync_bn and not context.distributed:
             print("fastgan train: --sync-bn has no effect in a single process (run under torchrun)")
-    if train.step >= (args.max_steps if args.max_steps is not None else math.inf) or train.epoch >= args.niter:
+    if train.step >= train.max_steps or train.epoch >= args.niter:
         if context.main:
             print(f"nothing to do: the run is at step {train.step}, epoch {train.epoch} (raise --max-steps/--niter)")
         return 0
+    if args.dry_run:
+        return _dry_run(train)
     blocked = checkpoints.blocking(train.outf, train.run_id if train.source else None, train.step, train.epoch,
                                    train.source.files if train.source else [])
     if blocked and not args.force:
@@ -740,7 +781,7 @@ def _run(args, context, train):
     failed = train.failed_files()
     if context.main:
         if failed:
-            names = sorted(train.dataset.files[i] for i in failed)
+            names = sorted(train.dataset.name(i) for i in failed)
             print(f"skipped {len(failed)} unreadable file(s), e.g. {names[0]}")
         print(f"done: {train.step} steps; wrote {', '.join(written)}")
     return 0
