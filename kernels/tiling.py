@@ -17,10 +17,12 @@ Registers: what the dot and the prologue hold per thread, the accumulator plus t
 accumulation dtype (32-bit words), must stay within half the 255 registers a thread may have; the rest goes to
 the gathered loads' addresses and masks.  Tiles over it compile at the register cap and spill.  The dots on
 CUDA cores (fp64, exact fp32) keep their operand fragments in registers too: there the accumulator alone stays
-within 32 words and the wgrad's BLOCK_N within 64 (every such tile over either spilled in the static data).
+within 32 words and the wgrad's BLOCK_N within 64.  Both rules come from the static data (triton 3.8, sm_90):
+every exact-fp32 wgrad with a 128-wide B spilled, and tiles with 64 accumulator words per thread spilled up to
+6 KB (ptxas falling back to 32 registers).
 
 ``FASTGAN_AUTOTUNE=1`` makes conv_gemm benchmark every candidate that fits (the first call per shape compiles
-them all); otherwise a launch takes :func:`pick`'s choice and compiles one kernel.
+them all); otherwise a launch compiles one kernel, the first candidate (:func:`pick_conv`'s for the conv).
 """
 from typing import NamedTuple
 
@@ -166,8 +168,6 @@ def wgrad_candidates(c_lo, c_hi, g, device):
 # ----------------------------------------------------------------------------- what runs at L2
 
 _HEAVIEST = Operand(2, True)  # the BN backward map of g and z
-
-
 _problems = {}
 
 
@@ -180,11 +180,12 @@ def l2_problem(dtype, device):
     if limits is None:
         return None
     if (dtype, limits) not in _problems:
-        _problems[dtype, limits] = _problem(dtype.itemsize, dtype, limits)
+        _problems[dtype, limits] = _problem(dtype, limits)
     return _problems[dtype, limits]
 
 
-def _problem(elem, dtype, limits):
+def _problem(dtype, limits):
+    elem = dtype.itemsize
     for exact in (False, True) if elem == 4 else (False,):
         conv = gemm(elem, exact, _HEAVIEST, Operand())
         wgrad = gemm(elem, exact, _HEAVIEST, Operand(1, True))
