@@ -71,7 +71,6 @@ BATCHES, WIDTHS = (64, 128, 512), (64, 128)
 MODES = ("tf32", "fp32", "bf16", "fp16", "fp64")  # fp32 is exact fp32 (TF32 off); bf16/fp16 are autocast
 LAYOUTS = ("nchw", "channels_last")
 LEVELS = ("L1", "L2")
-GRID_LIMITS = (2**31 - 1, 65_535, 65_535)
 GEMMS = ("_conv_kernel", "_wgrad_kernel")
 ELEMENT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
 
@@ -298,9 +297,9 @@ def record(step, autotune=False):
     return log
 
 
-def compiles(launches, autotune=False):
-    """The distinct compilations of a step's launches: the default variants, or every autotune candidate."""
-    return {v for launch in launches for v in (launch.variants if autotune else launch.variants[:1])}
+def compiles(launches):
+    """The distinct compilations of a step's launches when not autotuning (each launch's first variant)."""
+    return {launch.variants[0] for launch in launches}
 
 
 # ----------------------------------------------------------------------------- compiling
