@@ -5,8 +5,8 @@ ngf = ndf = 64/128, 64x64; fp32 with TF32 and exact, bf16 and fp16 autocast, fp6
 L1 and L2), autotune candidates included, and those of test_conv_gemm's fp64 gradcheck, compile for sm_90,
 fit a block's shared memory and stay within the spill budget; a first train step compiles a bounded number
 of kernels.  tests/sm90.py records and compiles (its docstring says how); one run of it, in a subprocess
-without TRITON_INTERPRET, serves every test here: about 6 minutes on 2 busy cores with an empty cache
-(.cache/sm90), seconds with a full one.
+without TRITON_INTERPRET, serves every test here: 2 min 40 s on 2 shared cores with an empty cache
+(.cache/sm90, which CI starts empty), 1.5 min with a full one (the recording).
 """
 import json
 import os
