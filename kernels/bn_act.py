@@ -286,13 +286,15 @@ def _nlc(t):
 
 
 def _tiles(N, L, C, s_c):
-    """[BLOCK_N, BLOCK_L, BLOCK_C] of about TILE elements, long along the contiguous axis."""
+    """[BLOCK_N, BLOCK_L, BLOCK_C] of about TILE elements, long along the contiguous axis.  Few shapes, so that a
+    model's layers share compiled kernels: rows of 16 (or 256 from L = 256 on) positions in NCHW, blocks of 16
+    positions x 64 channels in channels_last."""
     if s_c == 1 and C > 1:  # channels_last, or (N, C) input
         block_c = min(triton.next_power_of_2(C), 64)
-        block_l = min(triton.next_power_of_2(L), max(TILE // block_c, 1))
+        block_l = min(triton.next_power_of_2(L), 16 if block_c == 64 else TILE // block_c)
     else:  # NCHW
         block_c = 1
-        block_l = min(triton.next_power_of_2(L), TILE)
+        block_l = min(triton.next_power_of_2(L), 16 if L < 256 else 256)
     block_n = min(triton.next_power_of_2(N), max(TILE // (block_c * block_l), 1))
     return block_n, block_l, block_c
 
@@ -353,10 +355,11 @@ def channel_stats(z, running_mean, running_var, momentum, eps):
     mean = outputs.empty((C,), device=z.device, dtype=_stat_dtype(z))
     invstd = outputs.empty_like(mean)
     update = running_mean is not None
-    _finalize_kernel[(triton.cdiv(C, 64),)](
+    # BLOCK_S covers any split count (a masked tile), so that the layers of a model share one compiled finalize.
+    _finalize_kernel[(triton.cdiv(C, 16),)](
         mean_part, m2_part, mean, invstd, running_mean if update else mean, running_var if update else invstd,
         N, L, C, n_per_split, n_splits, momentum, eps,
-        UPDATE_RUNNING=update, BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_C=64)
+        UPDATE_RUNNING=update, BLOCK_S=MAX_SPLITS, BLOCK_C=16)
     return mean, invstd
 
 

@@ -26,9 +26,11 @@ Tiny finalize kernels merge the partials into (mean, invstd) / (dbeta, dgamma) a
 
 Tensors are (N, C, H, W) with any strides (NCHW and channels_last without a copy); indexing is int32.
 Accumulation is fp32 (fp64 for fp64); fp32 operands use TF32 unless ``allow_tf32`` is False.
-On a GPU the GEMM tiles are autotuned (first call per shape); under TRITON_INTERPRET=1 they are fixed.
+On a GPU a launch takes the first of kernels.tiling's candidate tiles that fit the device (one compilation);
+with FASTGAN_AUTOTUNE=1 the fastest of them, benchmarked on the first call per shape.  Under
+TRITON_INTERPRET=1 the tiles are fixed.
 """
-import functools
+import inspect
 import os
 from typing import NamedTuple, Optional
 
@@ -36,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import outputs
+from . import outputs, tiling
 from .bn_act import _activate, _activation_grad, update_running_stats
 from .geometry import Geometry
 
@@ -291,37 +293,86 @@ def _finalize_grad_kernel(part_ptr, stats_ptr, gamma_ptr, sums_ptr, coef_ptr, C,
 
 # ----------------------------------------------------------------------------- tuning
 
-def _configs(names, values):
-    return [triton.Config(dict(zip(names, v[:-2])), num_warps=v[-2], num_stages=v[-1]) for v in values]
+_CONV_TILE = ("BLOCK_N", "BLOCK_K")  # the conv's BLOCK_M is the host's (the statistics partials are laid out by it)
+_WGRAD_TILE = ("BLOCK_K",)          # the wgrad's BLOCK_M x BLOCK_N too (the split of K is sized by them)
 
 
-# A small set for H100, (tile sizes..., warps, stages).  The host fixes the conv's BLOCK_M (the statistics
-# partials are laid out by it) and the wgrad's BLOCK_M x BLOCK_N (from the channel counts).
-_CONV_CONFIGS = _configs(("BLOCK_N", "BLOCK_K"), [(128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4),
-                                                  (32, 64, 4, 4), (16, 64, 4, 4)])
-_WGRAD_CONFIGS = _configs(("BLOCK_K",), [(32, 4, 4), (64, 4, 3), (64, 8, 3), (128, 8, 3)])
+def _config(tile, names):
+    return triton.Config({name: getattr(tile, name.lower()) for name in names}, num_warps=tile.warps,
+                         num_stages=tile.stages)
 
 
-def _prune_conv(configs, named_args, **kwargs):
-    """Drop tiles far wider than the problem (C_out = 3 or 1 at the ends), keeping at least one."""
-    widest_n = max(16, triton.next_power_of_2(named_args["C_out"]))
-    widest_k = max(16, triton.next_power_of_2(named_args["C_in"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= widest_n and c.kwargs["BLOCK_K"] <= widest_k]
-    return kept or configs[-1:]
+def _operand(pro, act):
+    return tiling.Operand(2 if pro == PRO_BACKWARD else 1, pro != PRO_NONE or act != 0)
 
 
-_CONV_KEY = ["C_in", "H_in", "W_in", "C_out", "ROWS", "UP", "S", "PRO", "EPI", "PRECISION", "BLOCK_M"]
-_WGRAD_KEY = ["C_lo", "C_hi", "K", "k_per_split", "S", "PRO_LO", "PRO_HI", "PRECISION", "BLOCK_M", "BLOCK_N"]
+def _no_tile(what, dtype):
+    return ValueError(f"conv_gemm: no {what} tile in {dtype} fits this GPU's shared memory; run the layer at "
+                      "fusion level L1 (fastgan.nn.fused_conv does so when tiling.l2_problem says why)")
 
-if INTERPRETED:
-    # The interpreter runs programs one at a time in numpy: fixed, small tiles, no autotuning.
-    _conv, _CONV_FIXED = _conv_kernel, dict(BLOCK_N=16, BLOCK_K=16)
-    _wgrad, _WGRAD_FIXED = _wgrad_kernel, dict(BLOCK_K=1024)
-else:
-    _conv = triton.autotune(_CONV_CONFIGS, key=_CONV_KEY,
-                            prune_configs_by={"early_config_prune": _prune_conv})(_conv_kernel)
-    _wgrad = triton.autotune(_WGRAD_CONFIGS, key=_WGRAD_KEY)(_wgrad_kernel)
-    _CONV_FIXED = _WGRAD_FIXED = {}
+
+def _conv_candidates(x, C_in, C_out, block_m, n_parts, pro, act, precision):
+    """The conv tiles that fit, tiling.pick_conv's first: the one a launch takes without autotuning."""
+    g = tiling.gemm(x.element_size(), precision == "ieee", _operand(pro, act), tiling.Operand())
+    device = tiling.device_of(x.device)
+    tiles = tiling.conv_candidates(block_m, C_in, C_out, g, device)
+    if not tiles:
+        raise _no_tile("conv", x.dtype)
+    first = tiling.pick_conv(tiles, lambda t: n_parts * triton.cdiv(C_out, t.block_n), device)
+    return [first] + [t for t in tiles if t != first]
+
+
+def _wgrad_candidates(lo, C_lo, C_hi, pro_lo, act_lo, pro_hi, act_hi, precision):
+    """The wgrad tiles that fit, the one a launch takes without autotuning first."""
+    g = tiling.gemm(lo.element_size(), precision == "ieee", _operand(pro_lo, act_lo), _operand(pro_hi, act_hi))
+    tiles = tiling.wgrad_candidates(C_lo, C_hi, g, tiling.device_of(lo.device))
+    if not tiles:
+        raise _no_tile("wgrad", lo.dtype)
+    return tiles
+
+
+def _prune_conv(configs, named_args, **kw):
+    return [_config(t, _CONV_TILE) for t in _conv_candidates(
+        named_args["src_ptr"], named_args["C_in"], named_args["C_out"], kw["BLOCK_M"], named_args["n_parts"],
+        kw["PRO"], kw["ACT_IN"], kw["PRECISION"])]
+
+
+def _prune_wgrad(configs, named_args, **kw):
+    return [_config(t, _WGRAD_TILE) for t in _wgrad_candidates(
+        named_args["lo_ptr"], named_args["C_lo"], named_args["C_hi"], kw["PRO_LO"], kw["ACT_LO"], kw["PRO_HI"],
+        kw["ACT_HI"], kw["PRECISION"])]
+
+
+def _autotuned(kernel, tiles, names, key, prune):
+    # The configs listed are the tuning space at 16-bit BLOCK_K; the prune returns the ones that fit the launch.
+    configs = [_config(t, names) for t in tiles]
+    persist = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune}, **persist)(kernel)
+
+
+_CONV_KEY = ["C_in", "H_in", "W_in", "C_out", "ROWS", "UP", "S", "PRO", "ACT_IN", "EPI", "PRECISION", "BLOCK_M"]
+_WGRAD_KEY = ["C_lo", "C_hi", "K", "k_per_split", "S", "PRO_LO", "ACT_LO", "PRO_HI", "ACT_HI", "PRECISION",
+              "BLOCK_M", "BLOCK_N"]
+
+# FASTGAN_AUTOTUNE=1: benchmark every tile that fits on the first call per shape (triton keeps the winners in
+# its cache directory).  Otherwise a launch compiles one tile, the first candidate.
+AUTOTUNE = os.environ.get("FASTGAN_AUTOTUNE", "0") == "1"
+_conv_tuned = _wgrad_tuned = None  # under the interpreter every launch takes the fixed tiles of conv() / wgrad()
+if not INTERPRETED:
+    _conv_tuned = _autotuned(_conv_kernel, [tiling.Tile(0, n, k, w, s) for n, k, w, s in tiling.CONV_TILES],
+                             _CONV_TILE, _CONV_KEY, _prune_conv)
+    _wgrad_tuned = _autotuned(_wgrad_kernel, [tiling.Tile(0, 0, k, w, s) for k, w, s in tiling.WGRAD_TILES],
+                              _WGRAD_TILE, _WGRAD_KEY, _prune_wgrad)
+
+
+def _launch(kernel, tuned, grid, tile, names, args, meta):
+    """kernel[grid](*args, **meta) with ``tile``'s sizes, warps and stages, or through the autotuner."""
+    if AUTOTUNE and tuned is not None:
+        tuned[grid](*args, **meta)
+    else:
+        config = _config(tile, names)
+        kernel[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
+                                    num_stages=config.num_stages)
 
 
 def _block_m(rows):
@@ -331,11 +382,9 @@ def _block_m(rows):
     return 128 if rows >= 8192 else 64
 
 
-@functools.cache
 def _sm_count(device):
-    if device.type != "cuda":
-        return 2
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    limits = tiling.device_of(device)
+    return 2 if limits is None else limits.sms
 
 
 # ----------------------------------------------------------------------------- launch helpers
@@ -411,13 +460,18 @@ def conv(src, weight, geometry, out, epilogue=EPI_STORE, below=None, allow_tf32=
     z, stats, coef, act, slope = below if epilogue == EPI_GRAD else (out, None, None, 0, 0.0)
     # DOWN reads the weight as [out, red, kh, kw] (Conv2d's layout), UP as [red, out, kh, kw] (ConvTranspose2d's).
     w_red, w_out = (weight.stride(0), weight.stride(1)) if geometry.up else (weight.stride(1), weight.stride(0))
-    _conv[lambda meta: (n_parts, triton.cdiv(C_out, meta["BLOCK_N"]))](
+    precision = _precision(x.dtype, allow_tf32)
+    grid = lambda meta: (n_parts, triton.cdiv(C_out, meta["BLOCK_N"]))  # noqa: E731
+    if INTERPRETED:  # the interpreter runs programs one at a time in numpy: few, large ones
+        tile = tiling.Tile(block_m, 16, 16, 4, 1)
+    else:
+        tile = _conv_candidates(x, C_in, C_out, block_m, n_parts, src.pro, src.act, precision)[0]
+    _launch(_conv_kernel, _conv_tuned, grid, tile, _CONV_TILE, (
         *src.args(), weight, out, z, out if coef is None else coef, out if stats is None else stats, parts,
         C_in, H_in, W_in, C_out, H_out, W_out, rows, n_parts,
-        *x.stride(), *out.stride(), w_red, w_out, weight.stride(2), weight.stride(3), src.slope, slope,
+        *x.stride(), *out.stride(), w_red, w_out, weight.stride(2), weight.stride(3), src.slope, slope), dict(
         UP=geometry.up, S=S, P=P, TAPS=4 // S if geometry.up else 4, PRO=src.pro, ACT_IN=src.act, EPI=epilogue,
-        ACT_OUT=act, NORM_OUT=stats is not None, ACC=_tl_acc(x.dtype), PRECISION=_precision(x.dtype, allow_tf32),
-        BLOCK_M=block_m, **_CONV_FIXED)
+        ACT_OUT=act, NORM_OUT=stats is not None, ACC=_tl_acc(x.dtype), PRECISION=precision, BLOCK_M=block_m))
     return Partials(parts, rows, block_m, rows * classes) if normalize else None
 
 
@@ -431,20 +485,24 @@ def wgrad(lo, hi, geometry, allow_tf32=True):
     C_hi, H_hi, W_hi = h.shape[1:]
     _check_int32(l, h)
     K = N * H_lo * W_lo
-    block_m = 16 if INTERPRETED else min(128, max(16, triton.next_power_of_2(C_lo)))
-    block_n = 16 if INTERPRETED else min(128, max(16, triton.next_power_of_2(C_hi)))
+    precision = _precision(l.dtype, allow_tf32)
+    if INTERPRETED:
+        tile = tiling.Tile(16, 16, 1024, 4, 1)
+    else:
+        tile = _wgrad_candidates(l, C_lo, C_hi, lo.pro, lo.act, hi.pro, hi.act, precision)[0]
+    block_m, block_n = tile.block_m, tile.block_n
     tiles = 16 * triton.cdiv(C_lo, block_m) * triton.cdiv(C_hi, block_n)
     # Split K so that the grid fills the device twice over, in steps of 256 positions.
     splits = max(1, min(triton.cdiv(K, 256), triton.cdiv(2 * _sm_count(l.device), tiles)))
     k_per_split = triton.cdiv(triton.cdiv(K, splits), 256) * 256
     splits = triton.cdiv(K, k_per_split)
     dw = outputs.empty((splits, C_lo, C_hi, 16), device=l.device, dtype=_acc_dtype(l.dtype))
-    _wgrad[(triton.cdiv(C_lo, block_m), triton.cdiv(C_hi, block_n), 16 * splits)](
+    grid = (triton.cdiv(C_lo, block_m), triton.cdiv(C_hi, block_n), 16 * splits)
+    _launch(_wgrad_kernel, _wgrad_tuned, lambda meta: grid, tile, _WGRAD_TILE, (
         *lo.args(), *hi.args(), dw, C_lo, H_lo, W_lo, C_hi, H_hi, W_hi, K, k_per_split,
-        *l.stride(), *h.stride(), *dw.stride()[:3], lo.slope, hi.slope,
+        *l.stride(), *h.stride(), *dw.stride()[:3], lo.slope, hi.slope), dict(
         S=geometry.stride, P=geometry.padding, PRO_LO=lo.pro, ACT_LO=lo.act, PRO_HI=hi.pro, ACT_HI=hi.act,
-        ACC=_tl_acc(l.dtype), PRECISION=_precision(l.dtype, allow_tf32), BLOCK_M=block_m, BLOCK_N=block_n,
-        **_WGRAD_FIXED)
+        ACC=_tl_acc(l.dtype), PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n))
     dw = dw[0] if splits == 1 else dw.sum(0)
     return dw.view(C_lo, C_hi, 4, 4)
 

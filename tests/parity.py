@@ -2,7 +2,9 @@
 (fastgan.perf.tolerances, the table fastgan doctor uses too)."""
 import pytest
 import torch
+from torch import nn
 
+from fastgan.nn.layers import FusedSequential
 from fastgan.ops import backends
 from fastgan.perf.tolerances import TOLERANCES, rel_l2
 
@@ -40,3 +42,23 @@ def needs_triton_here(device):
         pytest.skip("triton does not import")
     if device == "cpu" and not INTERPRETER:
         pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest only on CPU-only machines)")
+
+
+def init_params(model, seed):
+    """Random parameters (weights N(0, 0.3), 1-d parameters 0.9 + N(0, 0.2)) from ``seed``; returns ``model``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.dim() > 1 else 0.2) + (p.dim() == 1) * 0.9)
+    return model
+
+
+def gradcheck_chain(device="cpu"):
+    """The fp64 L2 model of test_conv_gemm's gradcheck: every chain geometry in one run (1 -> 4 -> 2 -> 4 -> 1
+    pixels), BN + activations between them.  tests/sm90.py records its launches for sm_90 as well, so that the
+    tiles it takes on a GPU are checked to fit."""
+    model = nn.Sequential(nn.ConvTranspose2d(3, 4, 4, 1, 0, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 4, 2, 1, bias=False), nn.BatchNorm2d(4), nn.LeakyReLU(0.2),
+                          nn.ConvTranspose2d(4, 3, 4, 2, 1, bias=False), nn.BatchNorm2d(3, track_running_stats=False),
+                          nn.Tanh(), nn.Conv2d(3, 2, 4, 1, 0, bias=False))
+    return FusedSequential(*init_params(model, 0).to(device, torch.float64), backend="triton", level="L2")

@@ -9,7 +9,7 @@ import fastgan
 from fastgan.nn import fused_conv, reference
 from fastgan.nn.layers import FusedSequential
 from fastgan.ops import conv_chain
-from parity import HAS_CUDA, assert_close, needs_triton_here
+from parity import HAS_CUDA, assert_close, gradcheck_chain, init_params, needs_triton_here
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 pytestmark = pytest.mark.interpreter
@@ -127,14 +127,6 @@ def _mixed():
                          nn.ConvTranspose2d(20, 20, 4, 2, 1, bias=False), nn.BatchNorm2d(20), nn.ReLU())
 
 
-def _init(model, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.dim() > 1 else 0.2) + (p.dim() == 1) * 0.9)
-    return model
-
-
 CHAINS = {  # name: (model, input shape, conv_chain calls per forward)
     "generator": (_generator_like, (2, 5, 1, 1), 1),
     "generator_bn_last": (lambda: _generator_like(bn_last=True), (2, 5, 1, 1), 1),
@@ -145,8 +137,8 @@ CHAINS = {  # name: (model, input shape, conv_chain calls per forward)
 
 def _check_chain(make, shape, calls, device, dtype=torch.float32, mode="fp32", channels_last=False,
                  monkeypatch=None, input_grad=True, seed=0):
-    ref = _init(make(), seed).to(device)
-    fused = _init(make(), seed).to(device, dtype)
+    ref = init_params(make(), seed).to(device)
+    fused = init_params(make(), seed).to(device, dtype)
     fused = FusedSequential(*fused, backend="triton", level="L2")
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(shape, generator=gen).to(device)
@@ -228,11 +220,7 @@ def test_gradcheck_fp64(device):
     """Every geometry in one chain (1 -> 4 -> 2 -> 4 -> 1 pixels), BN + activations between them."""
     needs_triton_here(device)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.ConvTranspose2d(3, 4, 4, 1, 0, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-                          nn.Conv2d(4, 4, 4, 2, 1, bias=False), nn.BatchNorm2d(4), nn.LeakyReLU(0.2),
-                          nn.ConvTranspose2d(4, 3, 4, 2, 1, bias=False), nn.BatchNorm2d(3, track_running_stats=False),
-                          nn.Tanh(), nn.Conv2d(3, 2, 4, 1, 0, bias=False))
-    model = FusedSequential(*_init(model, 0).to(device, torch.float64), backend="triton", level="L2")
+    model = gradcheck_chain(device)
     names, params = zip(*model.named_parameters())
     # All parameters as one input: fast mode then probes them all with one random direction.
     flat = torch.cat([p.detach().flatten() for p in params]).requires_grad_()
@@ -288,8 +276,8 @@ def test_other_layers_stay_at_l1(device, monkeypatch):
 
 
 def test_torch_backend_runs_l1():
-    model = FusedSequential(*_init(_discriminator_like(), 0), backend="torch", level="L2")
-    ref = _init(_discriminator_like(), 0)
+    model = FusedSequential(*init_params(_discriminator_like(), 0), backend="torch", level="L2")
+    ref = init_params(_discriminator_like(), 0)
     x = torch.randn(2, 3, 16, 16)
     assert_close(model(x), ref(x), "fp32")
 
@@ -324,7 +312,7 @@ def test_opcheck():
 def test_torch_compile_traces_the_chain():
     """fullgraph: the chain traces without a graph break (fake kernels, the running-stats mutation)."""
     needs_triton_here("cpu")
-    models = [FusedSequential(*_init(_generator_like(c=4), 0), backend="triton", level="L2") for _ in range(2)]
+    models = [FusedSequential(*init_params(_generator_like(c=4), 0), backend="triton", level="L2") for _ in range(2)]
     x = torch.randn(2, 5, 1, 1)
     compiled = torch.compile(lambda x: models[0](x).square().sum(), backend="aot_eager", fullgraph=True)
     compiled(x).backward()

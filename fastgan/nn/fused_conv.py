@@ -2,20 +2,24 @@
 
 A layer runs at L2 when its conv is a 4x4 Conv2d/ConvTranspose2d without bias, groups or dilation, with
 stride 2 and padding 1 (even input size for Conv2d), or the end layers 4x4 -> 1x1 (Conv2d k4s1p0) and
-1x1 -> 4x4 (ConvTranspose2d k4s1p0); its BatchNorm2d (if any) uses batch statistics; and the backend is
-triton.  Maximal runs of such layers become chains; everything else runs at L1
-(fastgan.ops.functional.conv_bn_act).
+1x1 -> 4x4 (ConvTranspose2d k4s1p0); its BatchNorm2d (if any) uses batch statistics; the backend is
+triton; and the chain's kernels have a tile that fits the GPU in the chain's dtype (kernels.tiling.l2_problem;
+otherwise the layers run at L1, with a warning that says why).  Maximal runs of such layers become chains;
+everything else runs at L1 (fastgan.ops.functional.conv_bn_act).
 
     fastgan.fused_conv.set_level(gan, "L2")
 
 The chain's ops are re-exported here (``conv_chain``, ``conv_chain_backward``, ``ConvChain``, ``Link``,
 ``encode``, ``decode``) from fastgan.ops.conv_chain, where they are defined.
 """
+import functools
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..kernels import tiling
 from ..kernels.geometry import Geometry
 from ..ops import backends, triton_ops
 from ..ops.contract import ACTIVATIONS
@@ -27,7 +31,6 @@ __all__ = ["ConvChain", "Link", "conv_chain", "conv_chain_backward", "decode", "
            "sequential_forward", "set_level"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
 
 
 def set_level(model, level):
@@ -70,12 +73,30 @@ def _batch_stats_bn(bn):
                            and (bn.training or (bn.running_mean is None and bn.running_var is None))))
 
 
+def _chain_dtype(x):
+    """The dtype a chain on x runs in (_run_chain's)."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+@functools.cache
+def _warn_once(message):
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _fits(x):
+    """Whether the chain's kernels fit x's device in the chain's dtype; warns once with the reason if not."""
+    problem = tiling.l2_problem(_chain_dtype(x), x.device)
+    if problem is not None:
+        _warn_once(f"fastgan: these layers run at fusion level L1, not L2: {problem}")
+    return problem is None
+
+
 def _extension(seq, x, chain, conv, bn):
     """(Geometry, output size) with which ``conv`` (-> ``bn``) extends ``chain`` (or starts one on x), or None."""
     if chain:
         channels, hw = chain[-1].conv.out_channels, chain[-1].out_hw
     elif (isinstance(x, Tensor) and x.dim() == 4 and x.dtype in _FLOATS
-          and backends.resolve(seq.backend, x.device) == "triton"):
+          and backends.resolve(seq.backend, x.device) == "triton" and _fits(x)):
         channels, hw = x.shape[1], tuple(x.shape[2:])
     else:
         return None
@@ -112,9 +133,8 @@ def _run_chain(x, chain):
     if not chain:
         return x
     weights = [layer.conv.weight for layer in chain]
-    dtype = x.dtype
+    dtype = _chain_dtype(x)
     if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
         x, weights = x.to(dtype), [w.to(dtype) for w in weights]
     for i, w in enumerate(weights):
         if w.dtype != dtype or w.device != x.device:

@@ -1,0 +1,534 @@
+"""The static sm_90 check (docs/design.md section 9): which Triton kernel variants fastgan's launchers pick for
+a DCGAN train step at the real shapes, and what each costs compiled for sm_90, without a GPU.
+
+    python tests/sm90.py [--all] [--json PATH] [--markdown]
+
+Recording: fastgan.DCGAN's train step (L1, and L2 via fastgan.set_level) runs on fake tensors (torch's
+FakeTensorMode) with the launchers' device queries answering for a 132-SM sm_90 GPU (kernels.tiling.SM90).
+fastgan's custom ops run their real implementations instead of their fake kernels, and every Triton launch
+meets a recording stand-in for the jitted kernel or autotuner: it works out the specialisation triton would
+compile with triton's own binder and, for an autotuner, the configs the launcher's prune keeps.  A step is
+recorded with FASTGAN_AUTOTUNE=1: the autotuner's candidates, of which conv_gemm launches the first when not
+autotuning (tests/test_sm90_resources.py checks that against a recording without it).
+
+Compiling: each chosen variant goes through triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32)).
+Registers and spills are read from the cubin (cuobjdump --dump-resource-usage; the spills are its stack
+frame), shared memory from the compiled metadata; the bundled ptxas's -v report of the same compilation
+("Used N registers", "N bytes stack frame") is kept as the cross-check.  Results are
+cached by variant in .cache/sm90/ (and triton's own cache in .cache/sm90/triton), so reruns only compile what
+changed.  By default the representatives are compiled (see :func:`representatives`: every config meets every
+dtype family, at its heaviest variant) and every variant of the fp64 gradcheck chain; --all compiles every
+variant, --cold-start the default variants of the steps named.
+
+Must run without TRITON_INTERPRET (jitted kernels, not interpreted ones); tests/test_sm90_resources.py
+starts it in a subprocess and checks what it finds.
+"""
+import argparse
+import collections
+import contextlib
+import hashlib
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+from unittest import mock
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("FASTGAN_SM90_CACHE", REPO / ".cache" / "sm90"))
+os.environ.setdefault("TRITON_CACHE_DIR", str(CACHE / "triton"))
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas -v's report, the cross-check of the cubin's figures
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("tests/sm90.py compiles kernels for sm_90: run it without TRITON_INTERPRET=1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from torch._library.custom_ops import CustomOpDef  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+import fastgan  # noqa: E402
+import parity  # noqa: E402  (tests/ is on the path: this file's folder)
+from fastgan.kernels import bn_act, conv_gemm, sigmoid_bce, tiling  # noqa: E402
+from fastgan.ops import backends, conv_chain, triton_ops  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+_BACKEND = make_backend(TARGET)
+KERNEL_MODULES = (bn_act, sigmoid_bce, conv_gemm)
+BATCHES, WIDTHS = (64, 128, 512), (64, 128)
+MODES = ("tf32", "fp32", "bf16", "fp16", "fp64")  # fp32 is exact fp32 (TF32 off); bf16/fp16 are autocast
+LAYOUTS = ("nchw", "channels_last")
+LEVELS = ("L1", "L2")
+GEMMS = ("_conv_kernel", "_wgrad_kernel")
+ELEMENT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
+
+
+# ----------------------------------------------------------------------------- variants and launches
+
+class Variant(NamedTuple):
+    """One compilation: a kernel with triton's specialisation of its arguments and its launch options."""
+    kernel: str
+    spec: tuple      # per parameter: (type, specialisation), as triton's binder gives it
+    options: tuple   # sorted (name, value): num_warps, num_stages
+
+    def params(self):
+        return [p.name for p in jit_function(self.kernel).params]
+
+    def constexprs(self):
+        return {name: value for name, (kind, value) in zip(self.params(), self.spec) if kind == "constexpr"}
+
+    @property
+    def warps(self):
+        return dict(self.options).get("num_warps", 4)
+
+    @property
+    def stages(self):
+        return dict(self.options).get("num_stages", 3)
+
+    def dtype(self):
+        """The element type of the first tensor argument (the data the kernel reads)."""
+        return next(kind[1:] for kind, _ in self.spec if kind.startswith("*"))
+
+    def dtype_family(self):
+        """16-bit, tf32 or ieee (the GEMMs' fp32 precisions), fp32 (the other kernels) or fp64."""
+        if self.dtype() in ("fp16", "bf16"):
+            return "16-bit"
+        if self.dtype() == "fp32" and self.kernel in GEMMS:
+            return self.constexprs()["PRECISION"]
+        return self.dtype()
+
+    def config(self):
+        """The GEMM config: (BLOCK_N, BLOCK_K, warps, stages) of a conv, (BLOCK_K, warps, stages) of a wgrad."""
+        ce = self.constexprs()
+        sizes = {"_conv_kernel": ("BLOCK_N", "BLOCK_K"), "_wgrad_kernel": ("BLOCK_K",)}.get(self.kernel)
+        return None if sizes is None else (*(ce[k] for k in sizes), self.warps, self.stages)
+
+    def describe(self):
+        ce = {k: (str(v) if not isinstance(v, (bool, int)) else int(v)) for k, v in self.constexprs().items()}
+        return dict(kernel=self.kernel, dtype=self.dtype(), warps=self.warps, stages=self.stages, constexprs=ce)
+
+    def key(self):
+        fn = jit_function(self.kernel)
+        text = repr((fn.cache_key, self.spec, self.options, triton.__version__))
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+class Launch(NamedTuple):
+    """One launch of a train step: the variant the launcher runs and, for an autotuner, every candidate."""
+    variants: tuple  # the first is what runs by default (the autotuner benchmarks them all)
+    grid: tuple
+
+
+def jit_function(name):
+    for module in KERNEL_MODULES:
+        fn = vars(module).get(name)
+        if isinstance(fn, JITFunction):
+            return fn
+    raise KeyError(name)
+
+
+class _Pointer:
+    """What triton's binder sees of a tensor: its dtype and an address as the caching allocator would give
+    (a 512-byte aligned base plus the view's offset)."""
+
+    def __init__(self, t):
+        self.dtype = t.dtype
+        self._address = 2**32 + t.storage_offset() * t.element_size()
+
+    def data_ptr(self):
+        return self._address
+
+
+def _bindable(value):
+    return _Pointer(value) if isinstance(value, torch.Tensor) else value
+
+
+class _Recorder:
+    """A stand-in for a jitted kernel or an autotuner: records each launch instead of running it."""
+
+    def __init__(self, fn, log):
+        self.fn, self.log = fn, log
+        self.jit = fn.fn if isinstance(fn, Autotuner) else fn
+        self.binder = create_function_from_signature(self.jit.signature, self.jit.params, _BACKEND)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self._launch(grid, args, kwargs)
+
+    def _variant(self, args, kwargs):
+        _, spec, options = self.binder(*map(_bindable, args), **{k: _bindable(v) for k, v in kwargs.items()})
+        # An autotuner passes every option of its configs; only the ones that are set change the compilation.
+        options = {k: v for k, v in options.items() if v is not None and (k, v) != ("num_ctas", 1)}
+        return Variant(self.jit.fn.__name__, tuple(spec), tuple(sorted(options.items())))
+
+    def _launch(self, grid, args, kwargs):
+        if isinstance(self.fn, Autotuner):
+            self.fn.nargs = dict(zip(self.fn.arg_names, args))
+            configs = self.fn.prune_configs(kwargs)
+            calls = [{**kwargs, **config.all_kwargs()} for config in configs]
+        else:
+            calls = [kwargs]
+        if callable(grid):
+            grid = grid({**dict(zip(self.jit.arg_names, args)), **calls[0]})
+        self.log.append(Launch(tuple(self._variant(args, call) for call in calls), tuple(grid)))
+
+
+class _RealOps(TorchDispatchMode):
+    """Runs fastgan's custom ops (namespace ``fastgan``) by their Python implementations on fake tensors."""
+
+    def __init__(self):
+        super().__init__()
+        modules = (triton_ops, conv_chain)
+        self.impls = {op._qualname: op._init_fn for m in modules for op in vars(m).values()
+                      if isinstance(op, CustomOpDef)}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        impl = self.impls.get(func._schema.name)
+        return (impl or func)(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def fake_sm90(log, autotune=False):
+    """Fake tensors, launchers that see a 132-SM sm_90 GPU, and every Triton launch recorded into ``log``."""
+    with contextlib.ExitStack() as stack:
+        for module in KERNEL_MODULES:
+            for name, fn in list(vars(module).items()):
+                if isinstance(fn, (JITFunction, Autotuner)):
+                    stack.enter_context(mock.patch.object(module, name, _Recorder(fn, log)))
+        stack.enter_context(mock.patch.object(tiling, "device_of", lambda device: tiling.SM90))
+        stack.enter_context(mock.patch.object(bn_act, "_target_programs", lambda device: 4 * tiling.SM90.sms))
+        # The tensors are fake CPU tensors (the autograd engine needs a real device for fake CUDA ones).
+        stack.enter_context(mock.patch.object(backends, "interpreter_enabled", lambda: True))
+        stack.enter_context(mock.patch.object(conv_gemm, "AUTOTUNE", autotune))
+        fake = stack.enter_context(FakeTensorMode())
+        stack.enter_context(_RealOps())
+        yield fake
+
+
+def _convert(model, dtype, memory_format):
+    """model.to(dtype, memory_format=...) for fake parameters (Module.to would swap them, which fake tensors
+    refuse)."""
+    for module in model.modules():
+        for group in (module._parameters, module._buffers):
+            for name, t in group.items():
+                if t is None or not t.is_floating_point():
+                    continue
+                fmt = memory_format if t.dim() == 4 else torch.contiguous_format
+                new = t.to(dtype, memory_format=fmt)
+                group[name] = torch.nn.Parameter(new, t.requires_grad) if group is module._parameters else new
+
+
+def _fakify(model, fake):
+    """Replace ``model``'s parameters and buffers by fake copies."""
+    for module in model.modules():
+        for group in (module._parameters, module._buffers):
+            for name, t in group.items():
+                if t is not None:
+                    new = fake.from_tensor(t)
+                    group[name] = torch.nn.Parameter(new, t.requires_grad) if group is module._parameters else new
+
+
+GRADCHECK = "test_conv_gemm::test_gradcheck_fp64 (parity.gradcheck_chain)"
+
+
+def record_gradcheck():
+    """The launches of test_conv_gemm's fp64 gradcheck chain, forward and backward, on sm_90."""
+    log = []
+    model = parity.gradcheck_chain()
+    with fake_sm90(log, autotune=True) as fake:
+        _fakify(model, fake)
+        model(torch.randn(3, 3, 1, 1, dtype=torch.float64, requires_grad=True)).sum().backward()
+    return log
+
+
+class Step(NamedTuple):
+    batch: int
+    width: int    # ngf = ndf
+    mode: str
+    layout: str
+    level: str
+
+    def __str__(self):
+        return f"B={self.batch} ngf=ndf={self.width} {self.mode} {self.layout} {self.level}"
+
+
+def steps():
+    return [Step(*s) for s in itertools.product(BATCHES, WIDTHS, MODES, LAYOUTS, LEVELS)]
+
+
+class _NoUpdate:
+    """The optimizers' updates launch no Triton kernel: a stand-in for them, to record a step faster."""
+
+    def step(self):
+        pass
+
+
+def record(step, autotune=False):
+    """The launches of one DCGAN train step (64x64 images) as fastgan would run it on an sm_90 GPU."""
+    log = []
+    dtype = torch.float64 if step.mode == "fp64" else torch.float32
+    fmt = torch.channels_last if step.layout == "channels_last" else torch.contiguous_format
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(step.mode)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = step.mode != "fp32"
+    try:
+        with fake_sm90(log, autotune):
+            gan = fastgan.DCGAN(ngf=step.width, ndf=step.width, backend="triton")
+            _convert(gan, dtype, fmt)
+            fastgan.set_level(gan, step.level)
+            opt_g = opt_d = _NoUpdate()
+            real = torch.randn(step.batch, 3, 64, 64, dtype=dtype).to(memory_format=fmt)
+            noise = torch.randn(step.batch, gan.nz, 1, 1, dtype=dtype)
+            with torch.autocast("cpu", amp or torch.bfloat16, enabled=amp is not None):
+                gan.train_step(real, opt_g, opt_d, noise)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    return log
+
+
+def compiles(launches):
+    """The distinct compilations of a step's launches when not autotuning (each launch's first variant)."""
+    return {launch.variants[0] for launch in launches}
+
+
+# ----------------------------------------------------------------------------- compiling
+
+_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def _cubin_resources(cubin):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([str(_BIN / "cuobjdump"), "--dump-resource-usage", str(path)], check=True,
+                             capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    return int(found[1]), int(found[2]) + int(found[4])
+
+
+def compile_variant(variant):
+    """Compile ``variant`` for sm_90: {registers, spill_bytes, shared, seconds} (cached in .cache/sm90)."""
+    cached = CACHE / f"{variant.key()}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    fn = jit_function(variant.kernel)
+    signature = {p.name: kind for p, (kind, _) in zip(fn.params, variant.spec)}
+    constexprs = {(i,): value for i, (kind, value) in enumerate(variant.spec) if kind == "constexpr"}
+    attrs = {(i,): _BACKEND.parse_attr(value) for i, (kind, value) in enumerate(variant.spec)
+             if kind != "constexpr" and isinstance(value, str)}
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as ptxas_log:
+            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET,
+                                      options=dict(variant.options))
+    except Exception as exc:  # reported per variant by the test
+        return dict(error=f"{type(exc).__name__}: {str(exc)[:2000]}")
+    seconds = time.perf_counter() - start
+    registers, spills = _cubin_resources(compiled.asm["cubin"])
+    ptxas = re.search(r"(\d+) bytes stack frame.*?Used (\d+) registers", ptxas_log.getvalue(), re.S)
+    result = dict(registers=registers, spill_bytes=spills, shared=compiled.metadata.shared, seconds=seconds,
+                  ptxas=None if ptxas is None else dict(registers=int(ptxas[2]), stack=int(ptxas[1])))
+    CACHE.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(result))
+    return result
+
+
+def tiling_configs(kernel, elem):
+    """The configs of conv_gemm's candidate lists (kernels.tiling) for ``elem``-byte operands, unclipped."""
+    if kernel == "_conv_kernel":
+        return {(n, tiling.block_k(k, elem), w, s) for n, k, w, s in tiling.CONV_TILES}
+    return {(tiling.block_k(k, elem), w, s) for k, w, s in tiling.WGRAD_TILES}
+
+
+def _heaviest(members):
+    """The member with the largest tile, then the widest elements, then the most constexprs at their largest
+    value (the heaviest prologue, epilogue and activation)."""
+    def features(m):
+        return {(k, v) for k, v in m.constexprs().items() if k.isupper() and isinstance(v, (bool, int))}
+
+    top = {}
+    for m in members:
+        for k, v in features(m):
+            top[k] = max(top.get(k, v), v)
+
+    def weight(m):
+        area = 1
+        for k, v in m.constexprs().items():
+            area *= v if k.startswith("BLOCK") else 1
+        return area, ELEMENT_BYTES[m.dtype()], len(features(m) & set(top.items())), repr(m.spec)
+
+    return max(members, key=weight)
+
+
+def representatives(variants):
+    """The variants to compile so that every config meets every dtype family: for the GEMMs one per kernel,
+    dtype family (16-bit, tf32, ieee, fp64) and config of tiling's candidate lists; for the other kernels one per
+    kernel and dtype family (16-bit, fp32, fp64) and one per kernel and tile (block sizes).  Each is its group's
+    heaviest.  GEMM variants whose tile a problem's width clipped are left out: smaller versions of a config."""
+    groups = collections.defaultdict(list)
+    for v in variants:
+        config = v.config()
+        if config is None:
+            blocks = tuple((k, x) for k, x in v.constexprs().items() if k.startswith("BLOCK"))
+            groups[v.kernel, "tile", blocks].append(v)
+            groups[v.kernel, v.dtype_family()].append(v)
+        elif config in tiling_configs(v.kernel, ELEMENT_BYTES[v.dtype()]):
+            groups[v.kernel, v.dtype_family(), config].append(v)
+    chosen = {_heaviest(members): None for _, members in sorted(groups.items(), key=lambda kv: repr(kv[0]))}
+    return list(chosen)
+
+
+# ----------------------------------------------------------------------------- the whole audit
+
+def _same_default(step):
+    """Whether ``step`` recorded without FASTGAN_AUTOTUNE launches the first candidate of each autotuned launch."""
+    plain = [launch.variants for launch in record(step)]
+    return plain == [launch.variants[:1] for launch in record(step, autotune=True)]
+
+
+def audit(targets="representatives", jobs=2, cold_start=(), log=print):
+    """Record every step (and the fp64 gradcheck chain); compile ``targets`` ("representatives" or "all") and
+    every default variant of the ``cold_start`` steps.  Returns a JSON-able dict."""
+    start = time.perf_counter()
+    recorded = [(str(step), step.level, record(step, autotune=True)) for step in steps()]
+    recorded.append((GRADCHECK, "L2", record_gradcheck()))
+    record_seconds = time.perf_counter() - start
+    sample = [Step(128, 64, mode, layout, "L2") for mode in MODES for layout in LAYOUTS]
+    default_checked = {str(step): _same_default(step) for step in sample}
+    variants = sorted({v for _, _, launches in recorded for launch in launches for v in launch.variants},
+                      key=lambda v: (v.kernel, repr(v.spec), v.options))
+    reps = set(representatives(variants))
+    chosen = set(variants) if targets == "all" else set(reps)
+    for name, _, launches in recorded:
+        if name == GRADCHECK:  # small, clipped tiles that the representatives leave out: all of them
+            chosen |= {v for launch in launches for v in launch.variants}
+        elif name in cold_start:
+            chosen |= compiles(launches)
+    chosen = sorted(chosen, key=variants.index)
+    index = {v: i for i, v in enumerate(variants)}
+    results = {}
+    start = time.perf_counter()
+    # Forked workers (no CUDA here to trip on): ptxas and triton's passes keep a core each busy.
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        for n, (v, result) in enumerate(zip(chosen, pool.map(compile_variant, chosen)), 1):
+            results[index[v]] = result
+            log(f"[{n}/{len(chosen)}] {v.kernel} {v.describe()['constexprs']} warps={v.warps} "
+                f"stages={v.stages}: {result}")
+    return dict(
+        triton=triton.__version__, torch=torch.__version__, target="cuda sm_90", device=tiling.SM90._asdict(),
+        record_seconds=record_seconds, compile_seconds=time.perf_counter() - start,
+        default_checked=default_checked, cold_start=list(cold_start),
+        variants=[dict(v.describe(), family=v.dtype_family(), config=v.config(), estimate=estimate(v),
+                       compiled=results.get(i), representative=v in reps) for i, v in enumerate(variants)],
+        steps=[dict(step=name, level=level, launches=[dict(variants=[index[v] for v in launch.variants],
+                                                           grid=launch.grid) for launch in launches])
+               for name, level, launches in recorded])
+
+
+def estimate(variant):
+    """tiling's estimates for a conv_gemm GEMM variant (None for the other kernels)."""
+    ce = variant.constexprs()
+    if variant.kernel not in GEMMS:
+        return None
+    elem = ELEMENT_BYTES[variant.dtype()]
+    if variant.kernel == "_conv_kernel":
+        a, b = conv_gemm._operand(ce["PRO"], ce["ACT_IN"]), tiling.Operand()
+    else:
+        a, b = conv_gemm._operand(ce["PRO_LO"], ce["ACT_LO"]), conv_gemm._operand(ce["PRO_HI"], ce["ACT_HI"])
+    g = tiling.gemm(elem, ce["PRECISION"] == "ieee", a, b)
+    tile = tiling.Tile(ce["BLOCK_M"], ce["BLOCK_N"], ce["BLOCK_K"], variant.warps, variant.stages)
+    return dict(shared=tiling.shared_memory(tile, g), live_words=tiling.live_words(tile, g),
+                fits=tiling.fits(tile, g, tiling.SM90))
+
+
+def blocks_per_sm(compiled, warps, device=tiling.SM90):
+    """Resident blocks per SM: registers are allocated per warp in units of 256 (8 per thread), and the driver
+    keeps 1 KB of shared memory per block."""
+    threads = 32 * warps
+    registers = -(-max(compiled["registers"], 1) // 8) * 8
+    return min(device.smem_per_sm // (compiled["shared"] + 1024), device.regs_per_sm // (registers * threads),
+               device.threads_per_sm // threads, 32)
+
+
+def markdown(result):
+    """The "Static, sm_90" figures of benchmarks/RESULTS.md from an audit."""
+    variants = result["variants"]
+    compiled = [v for v in variants if v["compiled"] and "error" not in v["compiled"]]
+    lines = ["| kernel | dtype | variants recorded | compiled | registers | spills (B) | shared (KB) | blocks/SM |",
+             "|---|---|---|---|---|---|---|---|"]
+    groups = collections.defaultdict(list)
+    for v in variants:
+        groups[v["kernel"], v["family"]].append(v)
+    for (kernel, family), members in sorted(groups.items()):
+        done = [v for v in members if v in compiled]
+        if not done:
+            continue
+        regs = [v["compiled"]["registers"] for v in done]
+        spills = [v["compiled"]["spill_bytes"] for v in done]
+        shared = [v["compiled"]["shared"] / 1024 for v in done]
+        occ = [blocks_per_sm(v["compiled"], v["warps"]) for v in done]
+        lines.append(f"| `{kernel}` | {family} | {len(members)} | {len(done)} | {min(regs)}-{max(regs)} | "
+                     f"{max(spills)} | {min(shared):.1f}-{max(shared):.1f} | {min(occ)}-{max(occ)} |")
+    lines += ["", "GEMM configs, each at its heaviest recorded variant (default launches: how many of the recorded "
+              "launches take the config when not autotuning):", "",
+              "| kernel | dtype | tile (MxNxK) | warps | stages | registers | spills (B) | shared (KB) | estimate (KB) "
+              "| blocks/SM | default launches |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    defaults = collections.Counter(launch["variants"][0] for step in result["steps"] for launch in step["launches"])
+    for v in variants:
+        if v["config"] is None or v not in compiled or not v["representative"]:
+            continue
+        ce, c = v["constexprs"], v["compiled"]
+        picks = sum(n for j, n in defaults.items() if variants[j]["kernel"] == v["kernel"]
+                    and variants[j]["family"] == v["family"] and variants[j]["config"] == v["config"])
+        lines.append(f"| `{v['kernel']}` | {v['family']} | {ce['BLOCK_M']}x{ce['BLOCK_N']}x{ce['BLOCK_K']} | "
+                     f"{v['warps']} | {v['stages']} | {c['registers']} | {c['spill_bytes']} | "
+                     f"{c['shared'] / 1024:.1f} | {v['estimate']['shared'] / 1024:.1f} | "
+                     f"{blocks_per_sm(c, v['warps'])} | {picks} |")
+    lines += ["", "Compilations before the first train step (distinct variants of one step, over the 60 steps of a "
+              "level):", "", "| level | default | FASTGAN_AUTOTUNE=1 |", "|---|---|---|"]
+    for level in LEVELS:
+        runs = [s for s in result["steps"] if s["level"] == level and s["step"].startswith("B=")]
+        default = [len({launch["variants"][0] for launch in s["launches"]}) for s in runs]
+        tuned = [len({i for launch in s["launches"] for i in launch["variants"]}) for s in runs]
+        lines.append(f"| {level} | {min(default)}-{max(default)} | {min(tuned)}-{max(tuned)} |")
+    for step in result["steps"]:
+        if step["step"] in result["cold_start"]:
+            done = [variants[i]["compiled"] for i in {launch["variants"][0] for launch in step["launches"]}]
+            seconds = sum(c["seconds"] for c in done if c and "seconds" in c)
+            lines.append(f"\n{step['step']}: {len(done)} compilations, {seconds:.0f} s compiling them one after "
+                         "another here.")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--all", action="store_true", help="compile every variant, not only representatives")
+    parser.add_argument("--cold-start", nargs="*", default=(), metavar="STEP",
+                        help='also compile every default variant of these steps, e.g. "B=128 ngf=ndf=64 bf16 nchw L2"')
+    parser.add_argument("--json", help="write the audit here (else print it)")
+    parser.add_argument("--markdown", action="store_true", help="print the figures for benchmarks/RESULTS.md")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compiling processes")
+    args = parser.parse_args(argv)
+    result = audit("all" if args.all else "representatives", args.jobs, args.cold_start,
+                   log=lambda line: print(line, file=sys.stderr, flush=True))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result))
+    if args.markdown:
+        print(markdown(result))
+    elif not args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
