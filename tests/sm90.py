@@ -267,10 +267,13 @@ def steps():
     return [Step(*s) for s in itertools.product(BATCHES, WIDTHS, MODES, LAYOUTS, LEVELS)]
 
 
-class _NoUpdate:
+class _NoUpdate(torch.optim.SGD):
     """The optimizers' updates launch no Triton kernel: a stand-in for them, to record a step faster."""
 
-    def step(self):
+    def __init__(self, params):
+        super().__init__(params, lr=0.0)
+
+    def step(self, closure=None):
         pass
 
 
@@ -287,7 +290,7 @@ def record(step, autotune=False):
             gan = fastgan.DCGAN(ngf=step.width, ndf=step.width, backend="triton")
             _convert(gan, dtype, fmt)
             fastgan.set_level(gan, step.level)
-            opt_g = opt_d = _NoUpdate()
+            opt_g, opt_d = _NoUpdate(gan.generator.parameters()), _NoUpdate(gan.discriminator.parameters())
             real = torch.randn(step.batch, 3, 64, 64, dtype=dtype).to(memory_format=fmt)
             noise = torch.randn(step.batch, gan.nz, 1, 1, dtype=dtype)
             with torch.autocast("cpu", amp or torch.bfloat16, enabled=amp is not None):
