@@ -12,6 +12,7 @@ loss history), which --netG/--netD read to resume; loss_curve.png.  Ctrl-C saves
 import argparse
 import contextlib
 import dataclasses
+import gc
 import math
 import os
 import random
@@ -494,6 +495,10 @@ def run(args):
         return _run(args, context, train)
     finally:
         if context.distributed:
+            # The DDP models go first: freed after the group, their Reducer's last reference to the gloo group
+            # joins its worker thread while that thread waits for the GIL (a shutdown hang on torch 2.8-2.11).
+            del train
+            gc.collect()
             torch.distributed.destroy_process_group()
 
 
