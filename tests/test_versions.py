@@ -1,5 +1,8 @@
 """The versions fastgan declares are the versions CI runs, and a known bad combination says so in one line."""
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy
@@ -44,3 +47,19 @@ def test_interpreter_numpy_clash_is_one_line(monkeypatch, triton_version, numpy_
     assert "\n" not in message
     assert f"triton {triton_version}'s interpreter needs numpy<2.4, found numpy {numpy_version}" in message
     assert "backend='torch'" in message
+
+
+def test_the_check_traces_under_torch_compile():
+    """In a fresh process the first resolve may come while dynamo traces: the version check must not break it."""
+    pytest.importorskip("triton")
+    if backends.interpreter_error():
+        pytest.skip(backends.interpreter_error())
+    code = ("import torch\n"
+            "from fastgan.ops import backends\n"
+            "@torch.compile(fullgraph=True, backend='eager')\n"
+            "def shifted(x):\n"
+            "    return x + (1 if backends.resolve('triton', x.device) == 'triton' else 2)\n"
+            "print(shifted(torch.ones(2)).tolist())\n")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET="1"),
+                         capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "[2.0, 2.0]", out.stderr[-3000:]

@@ -89,6 +89,10 @@ def interpreter_error():
     return _interpreter_error
 
 
+# Under torch.compile: evaluated once while tracing (dynamo cannot trace re), as extension.extension_problem.
+interpreter_error._dynamo_marked_constant = True
+
+
 def _triton_problem(device):
     error = triton_import_error()
     if error is not None:
