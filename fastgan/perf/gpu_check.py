@@ -153,9 +153,12 @@ STAGES = (
 
 def environment():
     """Lines naming the machine and the versions, without creating a CUDA context."""
+    try:
+        cudnn = torch.backends.cudnn.version()
+    except (RuntimeError, ValueError) as exc:  # a broken CUDA setup: the stages will say more
+        cudnn = f"unknown: {exc}"
     lines = [f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}, "
-             f"cuDNN {torch.backends.cudnn.version()}), triton {_version('triton')}, numpy {_version('numpy')}, "
-             f"fastgan {_version('fastgan')}"]
+             f"cuDNN {cudnn}), triton {_version('triton')}, numpy {_version('numpy')}, fastgan {_version('fastgan')}"]
     smi = shutil.which("nvidia-smi")
     query = "name,compute_cap,memory.total,driver_version,clocks.max.sm,power.limit"
     try:
@@ -204,7 +207,7 @@ def run_stage(stage, check, deadline):
                 proc.wait()
         _signal_group(proc, signal.SIGKILL)  # whatever it left running (a torchrun rank, a build) goes too
     seconds = time.monotonic() - start
-    tail = _last_line(log_path)
+    tail = _last_line(log_path, timed_out)
     if timed_out:
         return StageResult("timed out", seconds, limit, f"stopped at {limit:.0f} s; last line: {tail}")
     if proc.returncode != 0:
@@ -219,14 +222,25 @@ def _signal_group(proc, sig):
         pass
 
 
-def _last_line(path):
-    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    lines = [line for line in lines if not line.startswith("appended to ")]
+TRACEBACK = "Traceback (most recent call last):"
+
+
+def _log_lines(path, timed_out):
+    """The log's non-empty lines; of a stopped stage's KeyboardInterrupt traceback only where SIGINT landed."""
+    lines = [line.rstrip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    if timed_out and TRACEBACK in lines:
+        cut = len(lines) - 1 - lines[::-1].index(TRACEBACK)
+        lines = lines[:cut] + [f"(SIGINT in: {lines[-3].strip() if len(lines) - cut > 3 else '?'})"]
+    return lines
+
+
+def _last_line(path, timed_out):
+    lines = [line.strip() for line in _log_lines(path, timed_out) if not line.startswith(("appended to ", "(SIGINT"))]
     return (lines[-1][:200] if lines else "(no output)").replace("|", "/")
 
 
-def _tail(path, n=25):
-    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+def _tail(path, timed_out, n=25):
+    return "\n".join(_log_lines(path, timed_out)[-n:])
 
 
 def summary(check, machine, results, started):
@@ -242,7 +256,7 @@ def summary(check, machine, results, started):
             parts.append(f"## {name}\n{(check.out / name).read_text()}")
     for stage, r in results:
         if r.status in ("failed", "timed out"):
-            log = _tail(check.logs / f"{stage.name}.log")
+            log = _tail(check.logs / f"{stage.name}.log", r.status == "timed out")
             parts.append(f"## {stage.name}: the end of its log\n\n```\n{log}\n```\n")
     return "\n".join(parts)
 
