@@ -1,32 +1,34 @@
 """The GPU check: one command, at most 9 minutes on a fresh GPU machine, builds and compiles included.
 
-    pip install -e . --no-deps --no-build-isolation && python -m fastgan.perf.gpu_check --out DIR
+    python -m fastgan.perf.gpu_check --out DIR        # from the checkout's root, installed or not
 
 Names the machine (GPU, driver, versions: nvidia-smi under a 5 s timeout, no CUDA context), then runs the
-stages below in order, each in a subprocess under a time limit, and writes what they found into DIR.  On a
-machine without CUDA (or with --dry-run) the GPU stages are skipped with the reason and it exits 0.
+stages below in order, each in a subprocess under a time limit, from the checkout (on PYTHONPATH, so an
+install is optional), and writes what they found into DIR.  On a machine without CUDA (or with --dry-run) the
+GPU stages are skipped with the reason and it exits 0; it exits 1 when a stage failed or ran out of time.
 
 Plan of time budgets (seconds).  Each stage may run until the sum of its own and every earlier budget has
 passed since the start, so time an earlier stage leaves unused goes to the later ones, and no stage takes
 a later one's time.  At 10 s before its limit a stage gets SIGINT (pytest still writes its report), at its
-limit SIGKILL.
+limit SIGKILL.  The budgets are a plan, not measurements: no GPU has run this yet.  bench's first
+configuration pays the cold compiles (torch.compile's and fastgan's Triton kernels not compiled by the tests).
 
-    build-ext        100   python -m fastgan build-ext (C++/CUDA extension, cpu + sm_90)
-    gpu-tests        120   pytest -m gpu tests, full size, every backend; the most decisive files first
-    bench-g64-fp32    55   python -m fastgan bench --batch 128 --ngf 64 --ndf 64 --dtype fp32 (cold compiles)
-    bench-g64-bf16    45   ... --dtype bf16 (autocast, channels_last)
-    bench-g128-fp32   45   ... --ngf 128 --ndf 128 --dtype fp32
-    bench-g128-bf16   45   ... --ngf 128 --ndf 128 --dtype bf16
-    profile           35   python -m fastgan profile, b128 g64 bf16: per-category GPU time, Chrome traces
-    gpu-sanitizer     35   the compute-sanitizer tests (racecheck, memcheck) with what time is left
+    build-ext        100   python -m fastgan build-ext (C++/CUDA extension, cpu + sm_90; 5 files, in parallel)
+    gpu-tests        110   pytest -m gpu tests, full size, every backend; the most decisive files first
+    bench-g64-fp32    70   python -m fastgan bench --batch 128 --ngf 64 --ndf 64 --dtype fp32
+    bench-g64-bf16    55   ... --dtype bf16 (autocast, channels_last)
+    bench-g128-fp32   50   ... --ngf 128 --ndf 128 --dtype fp32
+    bench-g128-bf16   50   ... --ngf 128 --ndf 128 --dtype bf16
+    profile           30   python -m fastgan profile, b128 g64 bf16: per-category GPU time, Chrome traces
+    gpu-sanitizer     15   the compute-sanitizer tests (racecheck, memcheck), on what time is left
                      ---
-                     480   8 minutes; with pip's editable install (~20 s) and start-up, under 9 minutes
+                     480   8 minutes, leaving one of the 9 for start-up (an editable install, if wanted)
 
-bench runs every peer but torch.compile's max-autotune mode (minutes of autotuning a configuration).  If
-build-ext does not succeed, later stages do not build the extension again: they see backend "cuda" as
-unavailable, and say so.
+bench runs every peer but torch.compile's max-autotune mode (minutes of autotuning per configuration), 30
+timed steps after 5 warm-up steps.  If build-ext does not succeed, later stages do not build the extension
+again: they see backend "cuda" as unavailable, and say so.
 
-Files written into DIR (at most 8, the device tool's limit): summary.md (the stage table, the environment,
+Files written into DIR (at most 8, the device tool's limit): summary.md (the environment, the stage table,
 the bench and profile tables and the end of each failed stage's log), gpu-tests.xml (junit), bench.md,
 profile.md, traces.tar.gz (the profile's Chrome traces, for https://ui.perfetto.dev) and logs.tar.gz
 (every stage's full log).  A new stage is one more Stage in STAGES; one whose standard output is a result
@@ -136,17 +138,17 @@ def after_profile(check, result):
 
 STAGES = (
     Stage("build-ext", 100, lambda c: ["-m", "fastgan", "build-ext"], after=after_build),
-    Stage("gpu-tests", 120, lambda c: [*PYTEST, "-m", "gpu", "-k", "not compute_sanitizer",
+    Stage("gpu-tests", 110, lambda c: [*PYTEST, "-m", "gpu", "-k", "not compute_sanitizer",
                                        "--junitxml", str(c.out / "gpu-tests.xml"), *tests_in_order(ROOT)]),
-    bench_stage(64, "fp32", 55),
-    bench_stage(64, "bf16", 45),
-    bench_stage(128, "fp32", 45),
-    bench_stage(128, "bf16", 45),
-    Stage("profile", 35, lambda c: [
+    bench_stage(64, "fp32", 70),
+    bench_stage(64, "bf16", 55),
+    bench_stage(128, "fp32", 50),
+    bench_stage(128, "bf16", 50),
+    Stage("profile", 30, lambda c: [
         "-m", "fastgan", "profile", "--batch", "128", "--ngf", "64", "--ndf", "64", "--dtype", "bf16", "--steps", "3",
         "--warmup", "3", "--trace-dir", str(c.work / "traces"),
         "--markdown", str(c.out / "profile.md")], after=after_profile),
-    Stage("gpu-sanitizer", 35, lambda c: [*PYTEST, "-m", "gpu", "-k", "compute_sanitizer",
+    Stage("gpu-sanitizer", 15, lambda c: [*PYTEST, "-m", "gpu", "-k", "compute_sanitizer",
                                           "--junitxml", str(c.logs / "gpu-sanitizer.xml"), "tests/test_cuda_ext.py"]),
 )
 
@@ -158,7 +160,7 @@ def environment():
     except (RuntimeError, ValueError) as exc:  # a broken CUDA setup: the stages will say more
         cudnn = f"unknown: {exc}"
     lines = [f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}, "
-             f"cuDNN {cudnn}), triton {_version('triton')}, numpy {_version('numpy')}, fastgan {_version('fastgan')}"]
+             f"cuDNN {cudnn}), triton {_version('triton')}, numpy {_version('numpy')}, fastgan from {ROOT}"]
     smi = shutil.which("nvidia-smi")
     query = "name,compute_cap,memory.total,driver_version,clocks.max.sm,power.limit"
     try:
@@ -278,7 +280,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     gpu_reason = ("--dry-run" if args.dry_run else
                   None if torch.cuda.is_available() else "no CUDA device here (torch.cuda.is_available() is False)")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     machine = environment()
     print("\n".join(machine), flush=True)
     with tempfile.TemporaryDirectory(prefix="fastgan-gpu-check-") as work:
