@@ -58,10 +58,10 @@ MAX_FILES = 8
 MAX_FILE_BYTES = 15 * 2**20  # the device tool returns files of at most 16 MiB
 FAILED = ("failed", "timed out")
 PYTEST = ("-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", "--durations", "15")
-# pytest -m gpu runs these first: the op-level parity of both kernel backends, then whole models and train
-# steps, then the fused convolutions (L2), CUDA graphs and the rest.
-DECISIVE_TESTS = ("test_cuda_ext.py", "test_sigmoid_bce.py", "test_models.py", "test_train_step.py",
-                  "test_conv_gemm.py", "test_step.py", "test_presets.py")
+# pytest -m gpu runs these first, breadth before detail: whole models at full size on every backend and dtype,
+# 50 train steps, the fused convolutions (L2), then the op-level grid that locates a failure, CUDA graphs, the rest.
+DECISIVE_TESTS = ("test_models.py", "test_train_step.py", "test_conv_gemm.py", "test_cuda_ext.py", "test_step.py",
+                  "test_sigmoid_bce.py", "test_presets.py")
 BENCH = ("--batch", "128", "--compile-modes", "default", "--steps", "30", "--warmup", "5")
 
 
