@@ -245,14 +245,18 @@ def _tail(path, timed_out, n=25):
     return "\n".join(_log_lines(path, timed_out)[-n:])
 
 
+def stage_table(results):
+    rows = ["| stage | status | seconds | limit s | result |", "|---|---|---|---|---|"]
+    rows += [f"| {stage.name} | {r.status} | {r.seconds:.0f} | {r.limit_s:.0f} | {r.detail} |"
+             for stage, r in results]
+    return "\n".join(rows) + "\n"
+
+
 def summary(check, machine, results, started):
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [f"# fastgan GPU check, {stamp}, {time.monotonic() - started:.0f} s\n",
              "\n".join(f"- {line}" for line in machine) + "\n"]
-    rows = ["| stage | status | seconds | limit s | result |", "|---|---|---|---|---|"]
-    rows += [f"| {stage.name} | {r.status} | {r.seconds:.0f} | {r.limit_s:.0f} | {r.detail} |"
-             for stage, r in results]
-    parts.append("\n".join(rows) + "\n")
+    parts.append(stage_table(results))
     for name in ("bench.md", "profile.md"):
         if (check.out / name).exists():
             parts.append(f"## {name}\n{(check.out / name).read_text()}")
@@ -301,6 +305,7 @@ def main(argv=None):
         text = summary(check, machine, results, started)
     (out / "summary.md").write_text(text)
     print("\n" + text)
+    print(stage_table(results))  # again, at the end: a device call returns only the end of the output
     written = sorted(p.name for p in out.iterdir())
     print(f"{len(written)} files in {out}: {', '.join(written)}")
     if len(written) > MAX_FILES:
