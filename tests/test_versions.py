@@ -20,7 +20,7 @@ def test_declared_torch_floor_is_the_version_ci_runs_second():
     ci = (ROOT / ".ci" / "run").read_text()
     floor = re.search(r'"torch>=([\d.]+)"', pyproject).group(1)
     pinned = re.search(r"torch==([\d.]+)", ci).group(1)
-    assert f"{pinned}.".startswith(f"{floor}."), f"pyproject.toml says torch>={floor}, CI's second run installs torch {pinned}"
+    assert f"{pinned}.".startswith(f"{floor}."), f"pyproject.toml: torch>={floor}; CI's second run: torch {pinned}"
     triton_floor = re.search(r'"triton>=([\d.]+)', pyproject).group(1)
     triton_pinned = re.search(r"triton.__version__ == '([\d.]+)'", ci).group(1)
     assert f"{triton_pinned}.".startswith(f"{triton_floor}."), (triton_floor, triton_pinned)
