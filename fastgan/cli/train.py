@@ -20,6 +20,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import gc
 import math
 import os
 import random
@@ -722,6 +723,10 @@ def run(args):
         return _run(args, context, train)
     finally:
         if context.distributed:
+            # The DDP models go first: freed after the group, their Reducer's last reference to the gloo group
+            # joins its worker thread while that thread waits for the GIL (a shutdown hang on torch 2.8-2.11).
+            del train
+            gc.collect()
             torch.distributed.destroy_process_group()
 
 

@@ -9,9 +9,11 @@ torch; and torch for CPU tensors.
 import contextlib
 import functools
 import os
+import re
 import threading
 import warnings
 
+import numpy
 import torch
 
 from ..usage import UsageError
@@ -63,6 +65,34 @@ def triton_import_error():
     return _triton_import_error
 
 
+def _major_minor(version):
+    return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
+
+
+_interpreter_error = ...  # unknown until asked, as _triton_import_error
+
+
+def interpreter_error():
+    """None when triton's interpreter can run with this numpy, else the reason it cannot.
+
+    The interpreter of triton <= 3.6 turns its (1,)-shaped scalars into ints with ``int(array)``, which numpy 2.4
+    made a TypeError (deprecated since 1.25): every kernel that loops over a run-time ``range()`` fails with an
+    InterpreterError.  triton 3.8 squeezes the array first; 3.7 is unchecked, so it counts as affected."""
+    global _interpreter_error
+    if _interpreter_error is ...:
+        import triton
+
+        _interpreter_error = None
+        if _major_minor(triton.__version__) < (3, 8) and _major_minor(numpy.__version__) >= (2, 4):
+            _interpreter_error = (f"triton {triton.__version__}'s interpreter needs numpy<2.4, found numpy "
+                                  f"{numpy.__version__}: pip install 'numpy<2.4' (or triton>=3.8)")
+    return _interpreter_error
+
+
+# Under torch.compile: evaluated once while tracing (dynamo cannot trace re), as extension.extension_problem.
+interpreter_error._dynamo_marked_constant = True
+
+
 def _triton_problem(device):
     error = triton_import_error()
     if error is not None:
@@ -70,6 +100,8 @@ def _triton_problem(device):
     if device.type == "cpu" and not interpreter_enabled():
         return ("Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 "
                 "before importing fastgan, move the model to CUDA, or use backend='torch'")
+    if interpreter_enabled() and interpreter_error():
+        return f"{interpreter_error()}, or use backend='torch'"
     if device.type not in ("cpu", "cuda"):
         return f"triton backend supports CUDA (or interpreted CPU) tensors, got {device.type}"
     return None
