@@ -101,19 +101,19 @@ def _wrap(owner, name, hook, injector):
 
 
 def _hooked_loader(injector):
-    original = data.epoch_loader
+    original = data.Feeder.epoch
 
-    def epoch_loader(*args, **kwargs):
-        loader = iter(original(*args, **kwargs))  # made here, as train makes it: not lazily at the first batch
+    def epoch(self, *args, **kwargs):
+        batches = iter(original(self, *args, **kwargs))
 
-        def batches():
-            for item in loader:
+        def hooked():
+            for item in batches:
                 injector("fetch", "before")
                 yield item
-        return batches()
+        return hooked()
 
-    data.epoch_loader = epoch_loader
-    return data, "epoch_loader", original
+    data.Feeder.epoch = epoch
+    return data.Feeder, "epoch", original
 
 
 def install(injector):
