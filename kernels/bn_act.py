@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..usage import UsageError
 from . import outputs
 
 
@@ -319,11 +320,11 @@ INT32_MAX = 2**31 - 1
 def _check_int32(name, t):
     """The kernels index with int32: t's elements, and the offset of its furthest one, must fit."""
     if t.numel() > INT32_MAX:
-        raise ValueError(f"bn_act indexes with int32: {name} has {t.numel()} elements, more than 2**31 - 1; "
+        raise UsageError(f"bn_act indexes with int32: {name} has {t.numel()} elements, more than 2**31 - 1; "
                          "split the batch")
     reach = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
     if reach > INT32_MAX:
-        raise ValueError(f"bn_act indexes with int32: {name} (shape {tuple(t.shape)}, strides {t.stride()}) "
+        raise UsageError(f"bn_act indexes with int32: {name} (shape {tuple(t.shape)}, strides {t.stride()}) "
                          f"reaches element {reach}, past 2**31 - 1; pass it contiguous, or split the batch")
 
 

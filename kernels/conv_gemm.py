@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..usage import UsageError
 from . import outputs, tiling
 from .bn_act import _activate, _activation_grad, update_running_stats
 from .geometry import Geometry
@@ -434,7 +435,7 @@ def _precision(dtype, allow_tf32):
 def _check_int32(*tensors):
     for t in tensors:
         if t.numel() >= 2**31:
-            raise ValueError(f"conv_gemm indexes with int32: a tensor of {t.numel()} elements is too large; "
+            raise UsageError(f"conv_gemm indexes with int32: a tensor of {t.numel()} elements is too large; "
                              "split the batch")
 
 
