@@ -1,4 +1,4 @@
-// CPU kernels of channel_stats, bn_act and bn_act_backward (contract: fastgan/ops.py).
+// CPU kernels of channel_stats, bn_act and bn_act_backward (contract: fastgan/ops/contract.py).
 //
 // Reductions run over fixed splits of kRowsPerSplit rows, in parallel, and merge the per-(split, channel)
 // partials in split order: the result does not depend on the number of threads.  Within a split the

@@ -1,4 +1,4 @@
-// CUDA kernels of channel_stats, bn_act and bn_act_backward (contract: fastgan/ops.py).
+// CUDA kernels of channel_stats, bn_act and bn_act_backward (contract: fastgan/ops/contract.py).
 //
 // Reductions (the statistics; sum(g) and sum(g*xhat) in the backward) give each block a tile of channels and
 // a split of the rows, and write per-(split, channel) partials that a per-channel finalize kernel merges:

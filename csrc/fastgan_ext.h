@@ -1,6 +1,6 @@
 // fastgan_ext: the C++/CUDA backend of fastgan's fused ops.
 //
-// The op contract (schemas in ops.cpp, semantics in fastgan/ops.py) is implemented twice: CPU kernels
+// The op contract (schemas in ops.cpp, semantics in fastgan/ops/contract.py) is implemented twice: CPU kernels
 // (bn_act.cpp, sigmoid_bce.cpp) and CUDA kernels (bn_act.cu, sigmoid_bce.cu).  This header holds what both
 // share: the argument checks and output allocation (defined in ops.cpp), and the per-element maths.
 #pragma once

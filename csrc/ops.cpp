@@ -1,5 +1,6 @@
 // The fastgan_ext schemas, and the argument checks and output allocation that the CPU and CUDA kernels share.
-// Fake (meta) kernels and autograd are registered from Python (fastgan/ext_ops.py via fastgan.ops.register).
+// Fake (meta) kernels and autograd are registered from Python (fastgan/ops/ext_ops.py, through
+// fastgan.ops.contract.register).
 #include "fastgan_ext.h"
 
 #include <ATen/ops/empty.h>

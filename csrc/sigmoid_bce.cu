@@ -1,4 +1,4 @@
-// CUDA kernel of sigmoid_bce (contract: fastgan/ops.py): loss and gradient in one pass.
+// CUDA kernel of sigmoid_bce (contract: fastgan/ops/contract.py): loss and gradient in one pass.
 //
 //   loss     = mean(max(l, 0) - t*l + log1p(exp(-|l|)))
 //   dloss/dl = (sigmoid(l) - t) / n

@@ -7,7 +7,7 @@
 The package is layered, each layer importing only the ones below it:
 
     fastgan.cli       python -m fastgan: train, sample, interpolate, demo, build-ext (and bench, profile)
-    fastgan.perf      FLOPs, benchmarks, profiles
+    fastgan.perf      FLOPs, benchmarks, profiles, the doctor, the one-call GPU check
     fastgan.nn        modules: fused layers, models, losses, presets, the reference, the L3 step, DDP
     fastgan.ops       the op contract, backends, dispatch, the extension's build, the L2 conv chain
     fastgan.kernels   Triton kernels (kernels/ in the source tree); the C++/CUDA sources are in csrc/

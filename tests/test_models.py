@@ -66,10 +66,11 @@ def _check_parity(fast, ref, x, mode):
 
 
 def _check_half_parity(fast, ref, x, dy, mode, autocast=None):
-    """Half storage (or ``autocast`` to that dtype), against the fp32 reference.  At test sizes, rounding alone puts torch's own fp16 gradients
-    beyond the autocast tolerance of docs/design.md section 6 (the error of a whole step sits at 2-4% rel-L2, from cancellation
-    in sums such as dbias = sum(dy) and from ReLU masks flipped by rounding).  So each quantity must be within
-    the tolerance, or at most twice as far from the reference as the torch composite in the same dtype is."""
+    """Half storage (or ``autocast`` to that dtype), against the fp32 reference.  At test sizes, rounding alone
+    puts torch's own fp16 gradients beyond the autocast tolerance of docs/design.md section 6 (the error of a
+    whole step sits at 2-4% rel-L2, from cancellation in sums such as dbias = sum(dy) and from ReLU masks
+    flipped by rounding).  So each quantity must be within the tolerance, or at most twice as far from the
+    reference as the torch composite in the same dtype is."""
     dtype = autocast or next(fast.parameters()).dtype
     composite = copy.deepcopy(fast)
     for module in composite.modules():

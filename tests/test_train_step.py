@@ -32,7 +32,8 @@ def _check_converges_alike(gan, ref_models, history):
     for step, (ref, fast) in enumerate(history):
         assert torch.isfinite(fast).all(), f"step {step}: {fast}"
         torch.testing.assert_close(fast[:2], ref[:2], rtol=1e-3, atol=0, msg=lambda m: f"losses, step {step}: {m}")
-        torch.testing.assert_close(fast[2:], ref[2:], rtol=1e-3, atol=1e-5, msg=lambda m: f"D outputs, step {step}: {m}")
+        torch.testing.assert_close(fast[2:], ref[2:], rtol=1e-3, atol=1e-5,
+                                   msg=lambda m: f"D outputs, step {step}: {m}")
     for fast_model, ref_model in zip((gan.generator, gan.discriminator), ref_models):
         fast_params = torch.cat([p.detach().flatten() for p in fast_model.parameters()])
         ref_params = torch.cat([p.detach().flatten() for p in ref_model.parameters()])

@@ -45,7 +45,8 @@ def run(args):
     fast_opts = reference.make_optimizers(gan.generator, gan.discriminator)
     ref_opts = reference.make_optimizers(ref_g, ref_d)
     print(f"fastgan demo: device={device}, backend={which}, batch={args.batch}, ngf={args.ngf}, ndf={args.ndf}")
-    print(f"{'step':>4} {'loss_D ref':>11} {'loss_D fast':>11} {'loss_G ref':>11} {'loss_G fast':>11} {'max rel diff':>12}")
+    header = ("step", "loss_D ref", "loss_D fast", "loss_G ref", "loss_G fast", "max rel diff")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (4, 11, 11, 11, 11, 12))))
     times = {"reference": [], "fastgan": []}
     worst = 0.0
     for step in range(args.steps):

@@ -84,7 +84,7 @@ def add_arguments(parser):
     a("--manualSeed", type=seed_int, help="default: random (printed)")
     a("--device", help="default: cuda if available, else cpu (under torchrun: cuda:LOCAL_RANK)")
     a("--backend", default="auto", choices=backends.BACKENDS,
-      help="fused kernels: auto = triton on CUDA, torch on CPU")
+      help="fused kernels: auto = on CUDA the C++/CUDA extension, else triton, else torch; torch on CPU")
     a("--amp", choices=("bf16", "fp16"), help="autocast dtype (fp32 master weights)")
     a("--channels-last", action="store_true", help="NHWC activations and weights")
     a("--preset", choices=presets.PRESETS, help="architecture and recipe (default: dcgan64, examples/dcgan's)")

@@ -51,7 +51,8 @@ def plan(modules):
         name, module = modules[i]
         if isinstance(module, CONVS):
             j, bn = i + 1, None
-            if j < len(modules) and type(modules[j][1]) in NORMS and modules[j][1].num_features == _out_channels(module):
+            follower = modules[j][1] if j < len(modules) else None
+            if type(follower) in NORMS and follower.num_features == _out_channels(module):
                 bn, j = modules[j][0], j + 1
             act = _activation(modules[j][1]) if j < len(modules) else None
             if act is not None:

@@ -93,6 +93,7 @@ def sync_batch_norm_act(z, weight, bias, running_mean, running_var, momentum, ep
     """act(BatchNorm(z)) in training mode, normalised with the statistics of z over every rank of ``group``.
 
     Gradients: dz is exact for the global batch; dweight and dbias are this rank's share (DDP averages them).
-    Running stats are updated identically on every rank.  See fastgan.ops.functional.batch_norm_act for the arguments."""
+    Running stats are updated identically on every rank.  See fastgan.ops.functional.batch_norm_act for the
+    arguments."""
     return _SyncBatchNormAct.apply(z, weight, bias, running_mean, running_var, momentum, eps, act, slope, which,
                                    group)
