@@ -28,7 +28,22 @@ def _terminal(file):
     return hasattr(file, "isatty") and file.isatty()
 
 
-class EpochProgress:
+class _Bar:
+    """A context that closes its tqdm bar (``self.bar``, None off a terminal) at the end."""
+    bar = None
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class EpochProgress(_Bar):
     """A tqdm bar over an epoch's batches when ``file`` is a terminal; else :func:`step_line` lines, one per
     :meth:`report`.  ``done``: batches already trained (a resumed epoch)."""
 
@@ -52,18 +67,8 @@ class EpochProgress:
             print(step_line(self.epoch, self.niter, self.done - 1, self.batches, stats, images_per_s),
                   file=self.file, flush=True)
 
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-class Counter:
+class Counter(_Bar):
     """A tqdm bar on a terminal; elsewhere a line at every tenth of ``total`` (at most one per ``interval_s``)
     and at the end."""
 
@@ -86,13 +91,3 @@ class Counter:
             print(f"{self.desc}: {self.done}/{self.total} {self.unit} ({rate:.0f} {self.unit}/s)", file=self.file,
                   flush=True)
             self.last_line, self.next_tenth = now, self.done + max(1, self.total // 10)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
