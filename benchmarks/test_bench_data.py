@@ -6,7 +6,7 @@ One epoch per timed call; extra_info["images_per_s"] is the delivered rate at th
 ``feeder`` (the cached uint8 set and fastgan.cli.feed.Feeder's batches; ``feeder-2-threads``: two host
 threads instead of the CPU's default one), ``first-run`` (the cache built from the
 files, then an epoch of the Feeder).  Folder: CelebA-sized (178x218) JPEGs made here.  On a GPU, device-resident
-and streamed batches too.  In --benchmark-disable mode (CI) every set is small and each call runs once.
+and streamed batches too, and fastgan train's loop beside the bare step on a fixed batch.  In --benchmark-disable mode (CI) every set is small and each call runs once.
 """
 import gzip
 import pickle
@@ -20,6 +20,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from fastgan.cli import data
+from fastgan.cli.train import Settings, Trainer
+from fastgan.nn import distributed, presets
+from fastgan.nn.layers import fuse
 
 SIZE, BATCH = 64, 128
 HAS_CUDA = torch.cuda.is_available()
@@ -153,3 +156,30 @@ def test_builtin_gpu(benchmark, peer):
                         memory_format=torch.channels_last)
     images = benchmark.pedantic(run, rounds=10, warmup_rounds=1)
     _rate(benchmark, images, peer=peer)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: fastgan train's loop against the bare step on a GPU")
+@pytest.mark.parametrize("peer", ["trainer-step-fixed-batch", "trainer-step-feeder"])
+def test_train_loop_gpu(benchmark, peer):
+    """fastgan train's hot loop (Trainer.step on the Feeder's batches, the losses kept on the device) beside the
+    same step on one fixed batch: the input pipeline's cost to a training run (the issue's goal: within 10%)."""
+    device, steps = torch.device("cuda"), 50
+    G, D, recipe = presets.build("dcgan64")
+    G, D = fuse(G).to(device), fuse(D).to(device)
+    settings = Settings(preset="dcgan64", nz=recipe.nz, ngf=recipe.ngf, ndf=recipe.ndf, nc=3, image_size=SIZE,
+                        batch_size=BATCH, loss="bce", lr=recipe.lr, beta1=recipe.betas[0], beta2=recipe.betas[1],
+                        weight_decay=0.0, label_smoothing=0.0, d_steps=1, g_steps=1, noise="normal")
+    trainer = Trainer(G, D, settings, distributed.Context(device=device))
+    feeder = data.Feeder(data.Builtin(SIZE, length=BATCH * steps).images, BATCH, device, seed=1)
+    fixed = next(iter(feeder.epoch(0)))[0]
+
+    def run():
+        batches = (fixed for _ in range(steps)) if peer == "trainer-step-fixed-batch" else \
+            (real for real, _ in feeder.epoch(0))
+        results = [trainer.step(real) for real in batches]
+        torch.cuda.synchronize(device)
+        return BATCH * len(results)
+
+    benchmark.group = "fastgan train loop b128 64x64 cuda"
+    images = benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+    _rate(benchmark, images, peer=peer, resident=feeder.resident)
