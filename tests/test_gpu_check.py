@@ -1,4 +1,5 @@
 """The GPU check (fastgan.perf.gpu_check): its plan fits one device call, and a dry run skips its GPU stages."""
+import importlib
 import os
 import re
 import subprocess
@@ -7,6 +8,7 @@ import time
 
 import pytest
 
+from fastgan import cli
 from fastgan.perf import gpu_check
 from parity import HAS_CUDA
 
@@ -71,3 +73,20 @@ def test_a_failed_build_is_not_retried_by_later_stages(tmp_path):
     code = "from fastgan.ops import extension; print(extension.extension_problem('cpu'))"
     result = subprocess.run([sys.executable, "-c", code], env=check.env, capture_output=True, text=True, timeout=300)
     assert "cannot be built in" in result.stdout, result.stdout + result.stderr
+
+
+def test_every_stage_command_parses(tmp_path, monkeypatch):
+    """A stage's command line is one the CLI (or pytest) accepts: a typo would cost a GPU call to find."""
+    check = _check(tmp_path)
+    for stage in gpu_check.STAGES:
+        argv = stage.command(check)
+        if argv[:2] == ["-m", "fastgan"]:
+            module = importlib.import_module(cli.COMMANDS[argv[2]])
+            seen = []
+            monkeypatch.setattr(module, "run", seen.append)
+            cli.main(argv[2:])
+            assert len(seen) == 1, stage.name
+        else:
+            assert argv[:2] == ["-m", "pytest"], stage.name
+            files = [a for a in argv if a.startswith("tests/")]
+            assert files and all((gpu_check.ROOT / f).is_file() for f in files), stage.name
