@@ -312,24 +312,34 @@ def _no_tile(what, dtype):
                       "fusion level L1 (fastgan.nn.fused_conv does so when tiling.l2_problem says why)")
 
 
+_candidates = {}  # by problem and device: choosing a tile costs more host time than a launch
+
+
 def _conv_candidates(x, C_in, C_out, block_m, n_parts, pro, act, precision):
     """The conv tiles that fit, tiling.pick_conv's first: the one a launch takes without autotuning."""
-    g = tiling.gemm(x.element_size(), precision == "ieee", _operand(pro, act), tiling.Operand())
     device = tiling.device_of(x.device)
-    tiles = tiling.conv_candidates(block_m, C_in, C_out, g, device)
-    if not tiles:
-        raise _no_tile("conv", x.dtype)
-    first = tiling.pick_conv(tiles, lambda t: n_parts * triton.cdiv(C_out, t.block_n), device)
-    return [first] + [t for t in tiles if t != first]
+    key = ("conv", x.dtype, C_in, C_out, block_m, n_parts, pro, act, precision, device)
+    if key not in _candidates:
+        g = tiling.gemm(x.element_size(), precision == "ieee", _operand(pro, act), tiling.Operand())
+        tiles = tiling.conv_candidates(block_m, C_in, C_out, g, device)
+        if not tiles:
+            raise _no_tile("conv", x.dtype)
+        first = tiling.pick_conv(tiles, lambda t: n_parts * triton.cdiv(C_out, t.block_n), device)
+        _candidates[key] = [first] + [t for t in tiles if t != first]
+    return _candidates[key]
 
 
 def _wgrad_candidates(lo, C_lo, C_hi, pro_lo, act_lo, pro_hi, act_hi, precision):
     """The wgrad tiles that fit, the one a launch takes without autotuning first."""
-    g = tiling.gemm(lo.element_size(), precision == "ieee", _operand(pro_lo, act_lo), _operand(pro_hi, act_hi))
-    tiles = tiling.wgrad_candidates(C_lo, C_hi, g, tiling.device_of(lo.device))
-    if not tiles:
-        raise _no_tile("wgrad", lo.dtype)
-    return tiles
+    device = tiling.device_of(lo.device)
+    key = ("wgrad", lo.dtype, C_lo, C_hi, pro_lo, act_lo, pro_hi, act_hi, precision, device)
+    if key not in _candidates:
+        g = tiling.gemm(lo.element_size(), precision == "ieee", _operand(pro_lo, act_lo), _operand(pro_hi, act_hi))
+        tiles = tiling.wgrad_candidates(C_lo, C_hi, g, device)
+        if not tiles:
+            raise _no_tile("wgrad", lo.dtype)
+        _candidates[key] = tiles
+    return _candidates[key]
 
 
 def _prune_conv(configs, named_args, **kw):

@@ -74,6 +74,8 @@ PROBES = [
     ("train --mps", train("--mps"), {}, ("error", "not on Apple's MPS")),
     ("train --ngpu 2", train("--ngpu", "2"), {}, ("error", "torchrun --nproc-per-node 2")),
     ("train --cuda --device cpu", train("--cuda"), {}, ("error", "--cuda and --device cpu disagree")),
+    ("train --cuda --device bogus", train("--cuda", "--device", "bogus"), {},
+     ("error", "--device bogus: ")),
     ("train --dataset lsun, missing folder", train("--dataset", "lsun", "--dataroot", "{emptydir}",
                                                    "--classes", "church"), {}, ("error", "church")),
     ("train --outf is a file", train(outf="{afile}"), {}, ("error", "is a file, not a folder")),

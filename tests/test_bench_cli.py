@@ -21,12 +21,12 @@ def test_bench_cpu_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     eager, compiled, fast = _row(out, "eager"), _row(out, "compile"), _row(out, "fastgan-torch")
-    # columns: name, ms, IQR, vs eager, vs compile, peak MiB, TFLOP/s, % floor, first step s
+    # columns: name, ms, IQR, vs eager, vs compile, peak MiB, reserved MiB, TFLOP/s, % floor, first step s
     assert eager[3] == "1.00" and compiled[4] == "1.00"
     for row in (eager, compiled, fast):
-        ms, vs_eager, tflops = float(row[1]), float(row[3]), float(row[6])
+        ms, vs_eager, tflops = float(row[1]), float(row[3]), float(row[7])
         assert ms > 0 and vs_eager > 0 and tflops > 0
-        assert row[5] == "-"  # no CUDA peak memory on CPU
+        assert row[5] == row[6] == "-"  # no CUDA memory statistics on CPU
         assert vs_eager == pytest.approx(float(eager[1]) / ms, rel=0.02, abs=0.006)
     assert "skipped compile-max-autotune: mode='max-autotune' tunes GPU kernels: needs CUDA" in out
     assert f"floor: {bench.flops.dcgan_step_flops(2, 4, 4).total / 1e9:.4g} GFLOP/step" in out
@@ -165,3 +165,35 @@ def test_summarize_gpu_trace():
     assert summary.launch_api_ms == pytest.approx(0.012)  # cudaLaunchKernel x2 + cuLaunchKernel
     assert summary.busy_ms == pytest.approx(0.055)  # 40 + 10 - 5 overlap + 8 + 2
     assert summary.host_ms == pytest.approx(0.100)
+
+
+def test_bench_interrupted_or_on_a_broken_device_still_reports_what_it_measured(tmp_path, monkeypatch, capsys):
+    measure, calls = bench.measure, []
+
+    def interrupted_at_the_second_peer(peer, *args, **kwargs):
+        calls.append(peer.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure(peer, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "measure", interrupted_at_the_second_peer)
+    results = tmp_path / "RESULTS.md"
+    argv = ["bench", *TINY, "--steps", "1", "--warmup", "0", "--backends", "torch", "--compile-modes", "default",
+            "--markdown", str(results)]
+    assert cli.main(argv) == 130
+    out = capsys.readouterr().out
+    assert _row(out, calls[0]) and f"STOPPED: interrupted during {calls[1]}; not measured: {calls[1]}, " in out
+    assert f"| {calls[0]} |" in results.read_text()
+
+    def broken(peer, *args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def release(device):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(bench, "measure", broken)
+    monkeypatch.setattr(bench, "release", release)
+    assert cli.main(argv[:-2]) == 1
+    out = capsys.readouterr().out
+    assert f"FAILED {calls[0]}: RuntimeError: CUDA error" in out
+    assert f"STOPPED: the device is unusable after {calls[0]} (RuntimeError: CUDA error: an illegal" in out

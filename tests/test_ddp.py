@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -12,6 +13,7 @@ from fastgan.cli.train import Settings, Trainer
 from fastgan.nn import distributed, presets, reference
 from fastgan.nn.layers import fuse
 from fastgan.ops.functional import batch_norm_act
+from fastgan.usage import UsageError
 from parity import HAS_TRITON, INTERPRETER, assert_close
 
 WORLD = 2
@@ -123,3 +125,10 @@ def test_cli_under_torchrun(tmp_path):
     assert (tmp_path / "fake_samples_epoch_000.png").is_file()
     # one G forward per step (the G step reuses the D step's fakes); the sample grid leaves the buffers alone
     assert int(G.main[1].num_batches_tracked) == 2
+
+
+def test_a_numbered_gpu_under_torchrun_is_one_line(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match=r"device cuda:1: under torchrun each process takes "
+                                                     r"cuda:LOCAL_RANK; ask for cuda without an index"):
+        distributed.setup("cuda:1")

@@ -1,6 +1,8 @@
 """Fusion level L3: DCGAN.train_step(..., cuda_graph=True) against the eager train_step.
 
 On CPU the step runs eagerly on its static buffers; on a GPU it is captured once and replayed."""
+import copy
+
 import pytest
 import torch
 
@@ -134,3 +136,41 @@ def test_needs_capturable_optimizers_gpu():
     real, noise = _batches(1, 2, "cuda")[0]
     with pytest.raises(ValueError, match="capturable=True"):
         gan.train_step(real, opt_g, opt_d, noise=noise, cuda_graph=True)
+
+
+def test_what_a_graph_reads_changes_with_a_loaded_state_new_parameters_or_a_float_lr():
+    (gan, opt_g, opt_d), _ = _pair("cpu")
+    step = CapturedStep(gan, opt_g, opt_d)
+    real, noise = _batches(1, 2, "cpu")[0]
+    step(real, noise)
+    assert step._tensors_read() == step._tensors_read()
+    changes = [lambda: opt_d.load_state_dict(opt_d.state_dict()),lambda: opt_g.load_state_dict(opt_g.state_dict()), lambda: gan.to(memory_format=torch.channels_last),
+               lambda: opt_d.param_groups[0].__setitem__("lr", 1e-4)]
+    for change in changes:
+        before = step._tensors_read()
+        change()
+        assert step._tensors_read() != before
+
+
+@pytest.mark.gpu
+def test_replaced_optimizer_state_and_parameters_are_captured_again_gpu():
+    """A resume's optimizer.load_state_dict or a changed float lr between replays: the graphs are dropped and
+    the step goes on from the new tensors, as the eager step does from the same state."""
+    (eager, eager_g, eager_d), (graphed, opt_g, opt_d) = _pair("cuda", size=8, backend="triton", capturable=True)
+    for i, (real, noise) in enumerate(_batches(15, 4, "cuda")):
+        if i == 5:  # the graph is replaying by now
+            for opt, twin in ((opt_g, eager_g), (opt_d, eager_d)):
+                opt.load_state_dict(copy.deepcopy(twin.state_dict()))  # the same values, in new tensors
+        if i == 10:
+            for opt in (opt_g, opt_d, eager_g, eager_d):
+                opt.param_groups[0]["lr"] = 1e-4
+        expected = eager.train_step(real, eager_g, eager_d, noise=noise)
+        result = graphed.train_step(real, opt_g, opt_d, noise=noise, cuda_graph=True)
+        (replay,) = graphed._captured_step._replays.values()
+        assert (replay.graph is not None) == (i in (3, 4, 8, 9, 13, 14)), f"step {i}: warm-up again after a change"
+        for name, got, want in zip(expected._fields, result, expected):
+            assert_close(got, want, "fp32", f"step {i} {name}")
+    _assert_same_state(graphed, eager, "fp32")
+    for twin, opt in ((eager_g, opt_g), (eager_d, opt_d)):
+        for a, b in zip(twin.state.values(), opt.state.values()):
+            assert_close(a["exp_avg"], b["exp_avg"], "fp32", "exp_avg")

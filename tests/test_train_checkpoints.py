@@ -121,7 +121,7 @@ def test_an_older_train_state_still_resumes(tmp_path):
     os.remove(tmp_path / "checkpoint.pt")
     state = torch.load(tmp_path / "train_state_epoch_0.pt")
     old = {k: state[k] for k in ("settings", "seed", "epoch", "batch", "step", "history", "fixed_noise", "trainer")}
-    del old["trainer"]["generator"]
+    old["trainer"]["generator"] = torch.Generator().get_state()  # saved until the generator was reseeded per step
     torch.save(old, tmp_path / "train_state_epoch_0.pt")
     assert _train("--outf", str(tmp_path), "--max-steps", "6", "--netG", str(tmp_path / "netG_epoch_0.pth"),
                   "--netD", str(tmp_path / "netD_epoch_0.pth")) == 0
@@ -149,3 +149,27 @@ def test_the_dcgan_tutorials_checkpoint_samples_and_interpolates(tmp_path, capsy
     assert np.abs(_png(tmp_path / "s.png") - _png(tmp_path / "expected.png")).max() <= 1  # rounding at .5 only
     assert cli.main(["interpolate", "--netG", str(path), "--steps", "4", "--out", str(tmp_path / "w.png")]) == 0
     assert _png(tmp_path / "w.png").shape == (68, 4 * 66 + 2, 3)
+
+
+def test_resuming_with_other_precision_flags_says_so_and_keeps_adams_moments_in_the_parameters_layout(tmp_path,
+                                                                                                       capsys):
+    assert _train("--outf", str(tmp_path), "--max-steps", "2") == 0
+    capsys.readouterr()
+    assert _train("--resume", str(tmp_path), "--max-steps", "3", "--amp", "fp16", "--channels-last") == 0
+    assert ("note: the run being resumed trained with --amp None, --channels-last False: its steps from here on "
+            "differ") in capsys.readouterr().out
+    saved = torch.load(tmp_path / "checkpoint.pt")
+    assert saved["step"] == 3 and saved["precision"] == dict(amp="fp16", channels_last=True)
+    assert saved["trainer"]["scaler_g"]["scale"] > 0  # loss scaling started afresh
+    weights = [v for k, v in saved["netG"].items() if k.endswith("weight") and v.dim() == 4]
+    moments = [saved["trainer"]["opt_g"]["state"][i]["exp_avg"] for i in range(len(saved["trainer"]["opt_g"]["state"]))]
+    assert [m.stride() for m in moments if m.dim() == 4] == [w.stride() for w in weights]
+    assert all(m.is_contiguous(memory_format=torch.channels_last) for m in moments if m.dim() == 4)
+
+
+def test_checkpoints_hold_host_tensors_and_the_state_dicts_versions():
+    state = torch.nn.BatchNorm2d(3).state_dict()
+    state["nested"] = [torch.ones(2, requires_grad=True), (torch.zeros(1),)]
+    loaded = torch.load(__import__("io").BytesIO(checkpoints.serialize(state)))
+    assert loaded._metadata == state._metadata and isinstance(loaded["nested"][1], tuple)
+    assert not loaded["nested"][0].requires_grad

@@ -45,9 +45,24 @@ def epoch_files(folder, epoch):
 
 
 def serialize(obj):
+    """torch.save's bytes of ``obj`` with every tensor on the host: examples/dcgan's plain torch.load (no
+    map_location) of a file saved on a GPU must work on a machine without one."""
     buffer = io.BytesIO()
-    torch.save(obj, buffer)
+    torch.save(_on_host(obj), buffer)
     return buffer.getvalue()
+
+
+def _on_host(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        moved = type(obj)((k, _on_host(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a state_dict's module versions
+            moved._metadata = obj._metadata
+        return moved
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_host(v) for v in obj)
+    return obj
 
 
 def sha256(data):

@@ -13,7 +13,8 @@ in one file, at each of those and every --save-every steps; loss_curve.png.
 
 Ctrl-C or SIGTERM lets the running step finish, saves checkpoint.pt and exits (status 130 / 143); a
 second Ctrl-C abandons the save and leaves the previous checkpoint whole.  --resume DIR (or --netG/--netD
-with the train_state beside them) continues bit for bit as if the run had never stopped.  A run never
+with the train_state beside them) continues bit for bit as if the run had never stopped (on a GPU with
+--deterministic, under the same --amp/--channels-last flags).  A run never
 replaces checkpoints it did not write: not another run's, nor later ones of its own (--force does).
 """
 import argparse
@@ -87,6 +88,9 @@ def add_arguments(parser):
       help="fused kernels: auto = on CUDA the C++/CUDA extension, else triton, else torch; torch on CPU")
     a("--amp", choices=("bf16", "fp16"), help="autocast dtype (fp32 master weights)")
     a("--channels-last", action="store_true", help="NHWC activations and weights")
+    a("--deterministic", action="store_true",
+      help="cuDNN's deterministic convolutions on a GPU, so that a resumed run matches an uninterrupted one bit "
+           "for bit there too (fastgan's own kernels always are)")
     a("--preset", choices=presets.PRESETS, help="architecture and recipe (default: dcgan64, examples/dcgan's)")
     a("--loss", choices=("bce", "lsgan", "wgan-gp", "hinge"), help="default: the preset's")
     a("--label-smoothing", type=unit_float, help="one-sided: real target 1 - s (bce, lsgan)")
@@ -206,17 +210,25 @@ class Trainer:
 
     def state_dict(self):
         return dict(opt_g=self.opt_g.state_dict(), opt_d=self.opt_d.state_dict(), batches=self.batches,
-                    scaler_g=self.scaler_g.state_dict(), scaler_d=self.scaler_d.state_dict(),
-                    generator=self.generator.get_state())
+                    scaler_g=self.scaler_g.state_dict(), scaler_d=self.scaler_d.state_dict())
 
     def load_state_dict(self, state):
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
-        self.scaler_g.load_state_dict(state["scaler_g"])
-        self.scaler_d.load_state_dict(state["scaler_d"])
+        """The saved optimizers and loss scalers.  The generator is not saved: every step reseeds it (a CUDA
+        generator's state would not load on the CPU, nor the other way round).  A run resumed with other
+        --amp/--channels-last flags starts fresh loss scales and keeps Adam's moments in the parameters' layout
+        (CUDA's fused Adam requires it)."""
+        for opt, saved in ((self.opt_g, state["opt_g"]), (self.opt_d, state["opt_d"])):
+            opt.load_state_dict(saved)
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    moments = opt.state.get(p, {})
+                    for key, value in moments.items():
+                        if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                            moments[key] = torch.empty_like(p).copy_(value)
+        for scaler, saved in ((self.scaler_g, state["scaler_g"]), (self.scaler_d, state["scaler_d"])):
+            if saved:  # {} from a run without fp16 loss scaling
+                scaler.load_state_dict(saved)
         self.batches = state["batches"]
-        if "generator" in state:  # reseeded at every step anyway; older train_states do not have it
-            self.generator.set_state(state["generator"])
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -355,6 +367,11 @@ class Run:
         self.dataset = data.make_dataset(args.dataset, args.dataroot, self.s.image_size, self.s.nc,
                                          args.builtin_images, args.builtin_seed, classes=args.classes,
                                          workers=args.workers and max(1, args.workers))
+        precision = dict(amp=args.amp, channels_last=args.channels_last)
+        if saved and saved.get("precision", precision) != precision and context.main:
+            before = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in saved["precision"].items())
+            print(f"fastgan train: note: the run being resumed trained with {before}: its steps from here on differ "
+                  "from an uninterrupted run's", flush=True)
         trained_on = (saved or {}).get("data", {}).get("size", len(self.dataset))
         if trained_on != len(self.dataset) and context.main:
             print(f"fastgan train: note: the run being resumed trained on {trained_on} images, this data has "
@@ -400,6 +417,7 @@ class Run:
         self.saved_step = self.step if saved else None  # the step of the newest checkpoint of this run
         self.stopping = None  # the signal that asked the run to stop
         self.agreed_stop = False  # distributed: every rank stops at the same step
+        self.vote = None  # distributed on GPUs: the last window's stop vote, on its way to the host
 
     @property
     def gp_weight(self):
@@ -533,7 +551,8 @@ class Run:
                     complete=self.batch == self.steps_per_epoch, settings=dataclasses.asdict(self.s),
                     seed=self.seed, history=self.history, fixed_noise=self.fixed_noise.cpu(),
                     trainer=self.trainer.state_dict(), rng=dict(torch=torch.get_rng_state()),
-                    failed=sorted(self.failed), data=self.data_record())
+                    failed=sorted(self.failed), data=self.data_record(),
+                    precision=dict(amp=self.args.amp, channels_last=self.args.channels_last))
 
     def data_record(self):
         a = self.args
@@ -635,16 +654,33 @@ class Run:
                 last = self.collect(wait=self.step >= max_steps)
                 bar.report(last, window_images / (time.perf_counter() - window_start))
                 window_start, window_images = time.perf_counter(), 0
-                if c.distributed:  # the ranks agree here, where they wait for the losses anyway
-                    flag = torch.tensor([0 if self.stopping is None else 1], device=c.device)
-                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                    self.agreed_stop = bool(flag.item())
+                if c.distributed:
+                    self.vote_stop()
             if self.step >= max_steps:
                 break
             if (args.save_every and self.step % args.save_every == 0 and self.batch < self.steps_per_epoch
                     and not self.should_stop()):
                 written = self.save("interval")
         return written
+
+    def vote_stop(self):
+        """Distributed: the ranks agree at each log window whether one of them was signalled, so that all stop
+        at the same step.  On GPUs the vote is read one window later, when it has long arrived: reading it at
+        once would stall the step stream."""
+        c = self.context
+        flag = torch.full((1,), float(self.stopping is not None), device=c.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if not flag.is_cuda:
+            self.agreed_stop = bool(flag.item())
+            return
+        if self.vote is not None:
+            host, arrived = self.vote
+            arrived.synchronize()
+            self.agreed_stop = bool(host.item())
+        host = torch.empty(1, pin_memory=True).copy_(flag, non_blocking=True)
+        arrived = torch.cuda.Event()
+        arrived.record(torch.cuda.current_stream(c.device))
+        self.vote = host, arrived
 
     def collect(self, wait):
         """Start copying the pending step results to the host, and move the copies that have arrived into the
@@ -657,7 +693,7 @@ class Run:
             host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=rows.is_cuda).copy_(rows, non_blocking=True)
             arrived = torch.cuda.Event() if rows.is_cuda else None
             if arrived is not None:
-                arrived.record()
+                arrived.record(torch.cuda.current_stream(rows.device))
             self.arriving.append((self.step - len(self.pending), host, arrived))
             self.pending = []
         while self.arriving and (wait or self.arriving[0][2] is None or self.arriving[0][2].query()):
@@ -697,7 +733,7 @@ def examples_dcgan_flags(args):
         raise UsageError("--mps: fastgan's kernels run on CUDA GPUs and on the CPU, not on Apple's MPS; drop --mps "
                          "to train on the CPU")
     if args.cuda:
-        if args.device and torch.device(args.device).type != "cuda":
+        if args.device and backends.parse_device(args.device).type != "cuda":
             raise UsageError(f"--cuda and --device {args.device} disagree; drop one of them")
         if not torch.cuda.is_available():
             raise UsageError("--cuda: no CUDA device is available here; drop --cuda to train on the CPU")
@@ -713,6 +749,8 @@ def examples_dcgan_flags(args):
 
 def run(args):
     examples_dcgan_flags(args)
+    if args.deterministic:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     context = distributed.setup(backends.parse_device(args.device))
     check_backend(args.backend, context.device)
     try:

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..ops import backends
+from ..usage import UsageError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,15 +41,19 @@ class Context:
 
 def setup(device=None):
     """The process's Context.  Under torchrun (WORLD_SIZE > 1) it starts the process group: nccl on CUDA,
-    gloo on CPU, and each rank takes cuda:LOCAL_RANK unless ``device`` says otherwise."""
+    gloo on CPU, and each rank takes cuda:LOCAL_RANK (``device`` may say "cuda", not which one).  A CUDA
+    device becomes the current one, for what runs on the current device's stream."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device(device) if device else backends.default_device()
-    if world_size == 1:
-        return Context(device=device)
-    if device.type == "cuda" and device.index is None:
+    if world_size > 1 and device.type == "cuda":
+        if device.index is not None:
+            raise UsageError(f"device {device}: under torchrun each process takes cuda:LOCAL_RANK; ask for cuda "
+                             "without an index (CUDA_VISIBLE_DEVICES chooses the GPUs)")
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if world_size == 1:
+        return Context(device=device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Context(dist.get_rank(), dist.get_world_size(), device)

@@ -13,12 +13,18 @@ train/eval mode or fusion level gets a graph of its own.  The
 losses come back as device tensors copied out of the graph's buffer: reading them (``.item()``) is the
 only synchronisation.  On CPU the same step runs eagerly on the static buffers.
 
-Between steps, leave the parameters' ``.grad`` and the optimizers' state alone: the graph owns them.  To
-change the learning rate, give the optimizers a tensor ``lr``.
+Between steps, leave the parameters' ``.grad`` alone: the graph owns them.  What replaces the tensors a
+graph reads (``optimizer.load_state_dict``, ``gan.half()``, ``.to(memory_format=...)``, a new float ``lr``,
+another backend) is noticed at the next call, which drops the graphs and warms up again.  To change the
+learning rate every step without that, give the optimizers a tensor ``lr``.
 """
+import warnings
 from typing import NamedTuple
 
 import torch
+
+from ..ops import backends
+from ..usage import UsageError
 
 
 class StepResult(NamedTuple):
@@ -33,14 +39,14 @@ class StepResult(NamedTuple):
 def _check_capturable(optimizer, name):
     for group in optimizer.param_groups:
         if not group.get("capturable", False):
-            raise ValueError(f"cuda_graph=True needs {name} built with capturable=True, e.g. "
+            raise UsageError(f"cuda_graph=True needs {name} built with capturable=True, e.g. "
                              f"torch.optim.Adam(params, lr=2e-4, betas=(0.5, 0.999), fused=True, capturable=True)")
 
 
 def _check_momentum(model):
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.momentum is None:
-            raise ValueError(f"cuda_graph=True needs a fixed BatchNorm momentum; {module} has momentum=None "
+            raise UsageError(f"cuda_graph=True needs a fixed BatchNorm momentum; {module} has momentum=None "
                              "(a cumulative average read on the host each step)")
 
 
@@ -64,11 +70,12 @@ class CapturedStep:
 
     def __init__(self, gan, opt_g, opt_d, label_smoothing=0.0, warmup=3):
         if warmup < 1:
-            raise ValueError(f"warmup must be at least 1 eager step before the capture, got {warmup}")
+            raise UsageError(f"warmup must be at least 1 eager step before the capture, got {warmup}")
         self.gan, self.opt_g, self.opt_d = gan, opt_g, opt_d
         self.label_smoothing = label_smoothing
         self.warmup = warmup
         self._replays = {}
+        self._tensors = None  # what the graphs read: see _tensors_read
 
     def matches(self, opt_g, opt_d, label_smoothing):
         return self.opt_g is opt_g and self.opt_d is opt_d and self.label_smoothing == label_smoothing
@@ -76,6 +83,8 @@ class CapturedStep:
     def __call__(self, real, noise=None):
         if not isinstance(real, torch.Tensor):
             raise TypeError(f"real must be a torch.Tensor batch of images, got {type(real).__name__}")
+        if real.device.type == "cuda" and (tensors := self._tensors_read()) != self._tensors:
+            self._replays, self._tensors = {}, tensors
         replay = self._replays.get(key := self._key(real, noise))
         if replay is None:
             if real.device.type == "cuda":
@@ -88,14 +97,22 @@ class CapturedStep:
             replay.noise.copy_(noise)
         if real.device.type != "cuda":
             self._step(replay)
-        elif replay.graph is not None:
+        else:
+            with torch.cuda.device(real.device):  # the capture's stream and synchronisation: the batch's device
+                self._cuda_step(replay)
+        return StepResult(*replay.results.clone().unbind())
+
+    def _cuda_step(self, replay):
+        if replay.graph is not None:
             replay.graph.replay()
         elif replay.eager_steps < self.warmup:
-            side = torch.cuda.Stream(real.device)
-            side.wait_stream(torch.cuda.current_stream(real.device))
-            with torch.cuda.stream(side):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), warnings.catch_warnings():
+                # capturable Adam warns when it steps uncaptured: these steps are the capture's warm-up
+                warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
                 self._step(replay)
-            torch.cuda.current_stream(real.device).wait_stream(side)
+            torch.cuda.current_stream().wait_stream(side)
             replay.eager_steps += 1
         else:
             graph = torch.cuda.CUDAGraph()
@@ -103,15 +120,22 @@ class CapturedStep:
                 self._step(replay)
             replay.graph = graph
             graph.replay()  # the capture recorded the step without running it
-        return StepResult(*replay.results.clone().unbind())
+
+    def _tensors_read(self):
+        """The storages a graph bakes in, besides the static buffers: parameters, the optimizers' state objects
+        and learning rates (a float lr is a constant in the graph)."""
+        lrs = tuple(g["lr"].data_ptr() if torch.is_tensor(g["lr"]) else g["lr"]
+                    for opt in (self.opt_g, self.opt_d) for g in opt.param_groups)
+        return (tuple(p.data_ptr() for p in self.gan.parameters()), id(self.opt_g.state), id(self.opt_d.state), lrs)
 
     def _key(self, real, noise):
-        """What a captured graph bakes in: shapes, autocast, TF32, train/eval modes and fusion levels."""
+        """What a captured graph bakes in: shapes, autocast, TF32, train/eval modes, fusion levels, backends."""
         device = real.device.type
-        modes = tuple((module.training, getattr(module, "level", None)) for module in self.gan.modules())
+        modes = tuple((module.training, getattr(module, "level", None), getattr(module, "backend", None))
+                      for module in self.gan.modules())
         return (tuple(real.shape), real.dtype, real.device, None if noise is None else (noise.shape, noise.dtype),
                 torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
-                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, modes)
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, modes, backends.forced())
 
     def _step(self, replay):
         if replay.sample_noise:

@@ -45,6 +45,11 @@ def use_backend(backend):
         _override.backend = previous
 
 
+def forced():
+    """The backend forced from outside the modules (use_backend, then FASTGAN_BACKEND), or None."""
+    return getattr(_override, "backend", None) or os.environ.get("FASTGAN_BACKEND") or None
+
+
 def interpreter_enabled():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

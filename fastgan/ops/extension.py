@@ -181,8 +181,9 @@ def _compile(plan, staging, verbose):
             f.write(text)
     job = dict(build_dir=staging, include_dirs=[src, *plan.include_dirs], cuda=bool(plan.cuda_home),
                sources=[os.path.join(src, n) for n in plan.sources if n.endswith((".cpp", ".cu"))], verbose=verbose)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(_PACKAGE), os.environ.get("PYTHONPATH", "")]))
+    # pip's ninja lies beside the interpreter, which is not on PATH when a venv's python runs unactivated
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(_PACKAGE), os.environ.get("PYTHONPATH", "")]),
+               PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
     if plan.cuda_home:
         env.update(CUDA_HOME=plan.cuda_home, TORCH_CUDA_ARCH_LIST=plan.cuda_archs)
     command = [sys.executable, "-c", f"import {__name__} as m; m.compile_job()", json.dumps(job)]

@@ -280,7 +280,8 @@ class Measurement(NamedTuple):
     peer: Peer
     times_ms: list
     first_step_s: float  # compile (for compile peers) and the first step
-    peak_bytes: Optional[int]
+    peak_bytes: Optional[int]  # the most allocated during the timed steps
+    reserved_bytes: Optional[int]  # the most the caching allocator held, first step on (graph pools too)
 
     @property
     def median(self):
@@ -294,6 +295,8 @@ class Measurement(NamedTuple):
 
 def measure(peer, config, device, steps, warmup, bar=None):
     """Build ``peer``, run its first step (timed apart) and ``warmup`` more, then time ``steps`` steps."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     step = make_train_step(peer, config, device)
     synchronize(device)
     start = time.perf_counter()
@@ -308,10 +311,11 @@ def measure(peer, config, device, steps, warmup, bar=None):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = time_steps(step, device, steps)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated(device) if cuda else None
     if bar is not None:
         bar.update(1 + steps)
-    return Measurement(peer, times, first_step_s, peak)
+    return Measurement(peer, times, first_step_s, peak, torch.cuda.max_memory_reserved(device) if cuda else None)
 
 
 def release(device):
@@ -320,6 +324,27 @@ def release(device):
     torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def run_peers(peers, device, measure_one, log):
+    """``measure_one(peer)`` for each peer in turn, each followed by release(device).  Returns ({peer name:
+    result}, [(peer, error line)], why the round stopped early or None).  A failing peer does not hide the
+    others; Ctrl-C (a time box running out, say) or a device left unusable ends the round with what it has."""
+    results, failed = {}, []
+    for i, peer in enumerate(peers):
+        try:
+            results[peer.name] = measure_one(peer)
+        except KeyboardInterrupt:
+            return results, failed, f"interrupted during {peer}; not measured: " + ", ".join(p.name for p in peers[i:])
+        except Exception as exc:  # a compile error, out of memory, a kernel fault
+            failed.append((peer, error_line(exc)))
+            log(f"{peer}: FAILED {failed[-1][1]}")
+        try:
+            release(device)
+        except RuntimeError as exc:  # a sticky CUDA error: every later peer would fail the same way
+            rest = ", ".join(p.name for p in peers[i + 1:]) or "none"
+            return results, failed, f"the device is unusable after {peer} ({error_line(exc)}); not measured: {rest}"
+    return results, failed, None
 
 
 def error_line(exc):
@@ -463,6 +488,8 @@ def _fmt(value, spec, missing="-"):
 
 def run(args):
     device, config, peers, skipped = setup(args)
+    if device.type == "cuda":  # CUDA events and graph captures use the current device
+        torch.cuda.set_device(device)
     step_flops = flops.dcgan_step_flops(config.batch, config.ngf, config.ndf, config.nz)
     lean_flops = flops.dcgan_step_flops(config.batch, config.ngf, config.ndf, config.nz,
                                         d_weight_grads_in_g_step=False)
@@ -478,35 +505,36 @@ def run(args):
     print(floor_line)
 
     bar = progress_bar(len(peers) * (1 + args.warmup + args.steps), "bench")
-    results, failed = [], []
-    log = bar.write
-    for peer in peers:
+    def measure_one(peer):
         bar.set_postfix_str(peer.name)
-        try:
-            m = measure(peer, config, device, args.steps, args.warmup, bar)
-            results.append(m)
-            log(f"{peer}: {m.median:.3f} ms/step, first step {m.first_step_s:.2f} s")
-        except Exception as exc:  # one peer failing (a compile error, out of memory) must not hide the others
-            failed.append((peer, error_line(exc)))
-            log(f"{peer}: FAILED {failed[-1][1]}")
-        release(device)
+        m = measure(peer, config, device, args.steps, args.warmup, bar)
+        bar.write(f"{peer}: {m.median:.3f} ms/step, first step {m.first_step_s:.2f} s")
+        return m
+
+    measured, failed, stopped = run_peers(peers, device, measure_one, bar.write)
+    results = list(measured.values())
     bar.close()
 
     medians = {m.peer.name: m.median for m in results}
-    headers = ["implementation", "ms/step", "IQR ms", "vs eager", "vs compile", "peak MiB", "TFLOP/s", "% floor",
-               "1st step s"]
+    headers = ["implementation", "ms/step", "IQR ms", "vs eager", "vs compile", "peak MiB", "reserved MiB",
+               "TFLOP/s", "% floor", "1st step s"]
     rows = [[m.peer.name, f"{m.median:.3f}", f"{m.iqr:.3f}",
              _fmt(speedup(medians.get("eager"), m.median), ".2f"),
              _fmt(speedup(medians.get("compile"), m.median), ".2f"),
              _fmt(m.peak_bytes and m.peak_bytes / 2**20, ".0f"),
+             _fmt(m.reserved_bytes and m.reserved_bytes / 2**20, ".0f"),
              f"{step_flops.total / (m.median * 1e-3) / 1e12:.3g}", f"{100 * floor_ms / m.median:.1f}",
              f"{m.first_step_s:.2f}"] for m in results]
     notes = [f"{args.steps} timed steps after {args.warmup} warm-up steps; median and interquartile range. "
              f"TFLOP/s counts the reference step's {step_flops.total / 1e9:.4g} GFLOP for every row; "
              f"% floor = {floor_ms:.3f} ms / ms per step. "
-             f"Adam: {'fused' if device.type == 'cuda' else 'foreach'}, all peers."]
+             f"Adam: {'fused' if device.type == 'cuda' else 'foreach'}, all peers. "
+             "peak MiB: the most allocated in the timed steps; reserved MiB: the most the caching allocator held "
+             "from the peer's first step (a CUDA graph's private pool counts only there; so does compile's "
+             "autotuning)."]
     notes += [f"skipped {peer}: {reason}" for peer, reason in skipped]
     notes += [f"FAILED {peer}: {reason}" for peer, reason in failed]
+    notes += [f"STOPPED: {stopped}"] if stopped else []
     print(render_table(headers, rows))
     print("\n".join(notes))
     if args.markdown:
@@ -515,5 +543,7 @@ def run(args):
         command = command_line(args, COMMON_OPTIONS + ("peak_tflops",))
         path = append_markdown(args.markdown, f"bench {config}", device, command, body)
         print(f"appended to {path}")
-    return 1 if failed or not results else 0
+    if stopped and stopped.startswith("interrupted"):
+        return 130
+    return 1 if failed or stopped or not results else 0
 

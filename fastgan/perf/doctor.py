@@ -503,20 +503,21 @@ def measure_speed(peers, config, device, steps, warmup, problems, compile_timeou
         if reason:
             skipped.append((peer.name, reason))
             continue
-        start = time.perf_counter()
+        start, stopped = time.perf_counter(), None
         if peer.compile_mode is not None:
             row, reason = time_compile_peer(peer, config, device, steps, warmup, compile_timeout)
             if row is None:
                 skipped.append((peer.name, reason))
         else:
-            try:
-                row = speed_row(peer.name, bench.measure(peer, config, device, steps, warmup))
-            except Exception as exc:  # one peer failing (a kernel, out of memory) must not hide the others
-                row = None
-                failed.append((peer.name, bench.error_line(exc)))
-            bench.release(device)
+            measured, errors, stopped = bench.run_peers(
+                [peer], device, lambda p: speed_row(p.name, bench.measure(p, config, device, steps, warmup)), log)
+            row = measured.get(peer.name)
+            failed += [(p.name, line) for p, line in errors]
         if row is not None:
             rows[peer.name] = row
+        if stopped:  # the device is unusable (or Ctrl-C): no later peer is timed
+            failed.append((peer.name, stopped))
+            break
         timed = f"{row['median_ms']:.2f} ms/step" if row else "not timed"
         log(f"  {peer.name}: {timed} ({time.perf_counter() - start:.1f} s)")
     eager = rows.get("eager")

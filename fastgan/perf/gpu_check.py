@@ -311,6 +311,9 @@ def main(argv=None):
     if len(written) > MAX_FILES:
         print(f"more than {MAX_FILES} files in {out}: the device tool returns only {MAX_FILES}", file=sys.stderr)
         return 1
+    for name in written:
+        if (out / name).stat().st_size > MAX_FILE_BYTES:
+            print(f"{name} is over {MAX_FILE_BYTES >> 20} MiB: the device tool may not return it", file=sys.stderr)
     return 1 if any(r.status in FAILED for _, r in results) else 0
 
 

@@ -187,18 +187,16 @@ def run(args):
     writable_folder(args.trace_dir, "--trace-dir")
     name, versions = bench.environment(device)
     print(f"fastgan profile {config} on {name}; {versions}; {args.steps} profiled steps after {2 + args.warmup}")
-    summaries, traces, failed = {}, [], []
-    for peer in peers:
-        path = Path(args.trace_dir) / f"{config}-{peer.name}.json"
-        try:
-            summaries[peer.name] = profile_peer(peer, config, device, args.steps, args.warmup, path)
-            traces.append(path)
-        except Exception as exc:  # one peer failing must not hide the others
-            failed.append((peer, bench.error_line(exc)))
-        bench.release(device)
-    notes = [f"trace: {path}" for path in traces]
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    traces = {peer.name: Path(args.trace_dir) / f"{config}-{peer.name}.json" for peer in peers}
+    summaries, failed, stopped = bench.run_peers(
+        peers, device, lambda peer: profile_peer(peer, config, device, args.steps, args.warmup, traces[peer.name]),
+        print)
+    notes = [f"trace: {traces[name]}" for name in summaries]
     notes += [f"skipped {peer}: {reason}" for peer, reason in skipped]
     notes += [f"FAILED {peer}: {reason}" for peer, reason in failed]
+    notes += [f"STOPPED: {stopped}"] if stopped else []
     if summaries:
         print(summary_table(summaries))
     print("\n".join(notes))
@@ -207,4 +205,6 @@ def run(args):
         command = bench.command_line(args, bench.COMMON_OPTIONS + ("trace_dir",))
         path = bench.append_markdown(args.markdown, f"profile {config}", device, command, body)
         print(f"appended to {path}")
-    return 1 if failed or not summaries else 0
+    if stopped and stopped.startswith("interrupted"):
+        return 130
+    return 1 if failed or stopped or not summaries else 0
