@@ -94,8 +94,8 @@ class Feeder:
         self.threads = threads or (2 if cuda else 1)
         self.prefetch = prefetch or 2 * self.threads + 2
         self.copy_stream = torch.cuda.Stream(self.device) if cuda and not resident else None
-        # a device tensor, not the number: CUDA divides by a Python scalar as a multiply by its reciprocal, 1 ulp
-        # off the CPU's x / 127.5 for 111 of the 256 values
+        # a device tensor, not the number: CUDA divides by a Python scalar as a multiply by its reciprocal, which
+        # leaves x / 127.5 - 1 one ulp off the CPU's for 111 of the 256 values
         self.half_range = torch.tensor(127.5, device=self.device)
         if not cuda and not resident:
             keep_freed_blocks_in_heap()
