@@ -173,3 +173,10 @@ def test_checkpoints_hold_host_tensors_and_the_state_dicts_versions():
     loaded = torch.load(__import__("io").BytesIO(checkpoints.serialize(state)))
     assert loaded._metadata == state._metadata and isinstance(loaded["nested"][1], tuple)
     assert not loaded["nested"][0].requires_grad
+
+
+def test_deterministic_asks_cudnn_for_deterministic_convolutions(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)  # restored after the test
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    assert _train("--outf", str(tmp_path), "--max-steps", "1", "--deterministic") == 0
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
