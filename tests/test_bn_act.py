@@ -36,8 +36,9 @@ def _case(shape, dtype, device, channels_last, affine, normalize, seed=0):
 
 
 def _run(fn, z, params, dy, **kwargs):
-    """Forward + backward; returns outputs, grads and the running stats afterwards (inputs untouched)."""
-    z = z.detach().clone().requires_grad_()
+    """Forward + backward; returns outputs, grads and the running stats afterwards (inputs untouched).  z stays
+    in its storage, at its offset and strides (a misaligned z must reach the kernels misaligned)."""
+    z = z.detach().requires_grad_()
     params = {k: (v.detach().clone().requires_grad_(k in ("weight", "bias")) if v is not None else None)
               for k, v in params.items()}
     y = fn(z, **params, **kwargs)

@@ -436,14 +436,23 @@ def test_gpu_matches_reference_and_triton(dtype, shape, channels_last, act, slop
         assert_close(cuda[key].double(), triton[key].double(), mode, what=f"cuda vs triton: {key}", grad=True)
 
 
+def _shifted(t):
+    """t's values and strides in a storage one element off 16-byte alignment."""
+    out = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].as_strided(t.shape, t.stride()).copy_(t)
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", list(GPU_MODES))
-def test_gpu_misaligned_storage_takes_the_scalar_path(dtype):
-    """z at an odd storage offset: no 16-byte loads are possible, the results must not change."""
-    z, params, dy = _case((4, 8, 6, 6), dtype, "cuda", False, affine=True, normalize=True)
-    shifted = torch.empty(z.numel() + 1, dtype=dtype, device="cuda")[1:].view_as(z).copy_(z)
-    assert shifted.data_ptr() % 16 != 0
-    _compare_cuda(shifted, params, dy, GPU_MODES[dtype], normalize=True, batch_stats=True, act="relu", slope=0.0)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("misaligned", ["z", "dy"])
+def test_gpu_misaligned_storage_takes_the_scalar_path(dtype, channels_last, misaligned):
+    """z, or only dy, at an odd storage offset: no 16-byte loads are possible there, the results must not
+    change."""
+    z, params, dy = _case((4, 8, 6, 6), dtype, "cuda", channels_last, affine=True, normalize=True)
+    z, dy = (_shifted(z), dy) if misaligned == "z" else (z, _shifted(dy))
+    _compare_cuda(z, params, dy, GPU_MODES[dtype], normalize=True, batch_stats=True, act="relu", slope=0.0)
 
 
 @pytest.mark.gpu
