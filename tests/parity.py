@@ -1,5 +1,7 @@
 """Test helpers: what runs here, the comparisons, and the tolerances of docs/design.md section 6
 (fastgan.perf.tolerances, the table fastgan doctor uses too)."""
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -11,6 +13,8 @@ from fastgan.perf.tolerances import TOLERANCES, rel_l2
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = backends.triton_import_error() is None
 INTERPRETER = backends.interpreter_enabled()
+# the devices of the op-level tests: the CUDA cases carry the gpu mark, so that `pytest -m gpu` selects them
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def assert_close(actual, expected, mode="fp32", what="output", grad=False):
@@ -24,6 +28,29 @@ def assert_close(actual, expected, mode="fp32", what="output", grad=False):
     else:
         err = rel_l2(actual, expected)
         assert err <= tol["rel_l2"], f"{what}: rel-L2 error {err:.2e} > {tol['rel_l2']:.0e}"
+
+
+def assert_as_close_as_torch(actual, torch_same_precision, exact, mode, what):
+    """Reduced precision (TF32, fp16, bf16) against the exact fp32 ``exact``: within the mode's rel-L2, or at
+    most twice as far from it as torch's own computation in the same precision is.  Rounding alone takes
+    torch's gradients past the mode's tolerance at some sizes (cancellation in sums such as dbias = sum(dy),
+    ReLU masks flipped), so the tolerance alone would fail a kernel as good as torch's (docs/design.md
+    section 6)."""
+    assert not torch.isnan(actual).any(), f"{what}: NaN in the result"
+    err, torch_err = rel_l2(actual.float(), exact.float()), rel_l2(torch_same_precision.float(), exact.float())
+    bound = max(TOLERANCES[mode]["rel_l2"], 2 * torch_err)
+    assert err <= bound, f"{what}: rel-L2 {err:.2e} > {bound:.2e} (torch in the same precision: {torch_err:.2e})"
+
+
+@contextlib.contextmanager
+def tf32_enabled(on):
+    """cuDNN's and cuBLAS's TF32 flags (which fastgan's L2 kernels follow too) set to ``on`` in the block."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def needs_backend_here(backend, device):

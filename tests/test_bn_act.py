@@ -4,9 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from fastgan.ops.functional import batch_norm_act
-from parity import HAS_CUDA, assert_close, needs_backend_here, needs_triton_here
+from parity import DEVICES, HAS_CUDA, assert_close, needs_backend_here, needs_triton_here
 
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 ACTS = [("relu", 0.0), ("leaky_relu", 0.2), ("tanh", 0.0), ("none", 0.0)]
 
 

@@ -20,14 +20,13 @@ from fastgan.nn import losses
 from fastgan.ops import backends
 from fastgan.ops import extension as ext_build
 from fastgan.ops.functional import batch_norm_act, sigmoid_bce
-from parity import HAS_CUDA, assert_close, needs_triton_here
+from parity import DEVICES, assert_close, needs_triton_here
 from test_bn_act import ACTS, _case, _compare, _run
-from test_models import _check_half_parity, _check_parity, _inputs, _pair, _step
+from test_models import _check_reduced_parity, _check_parity, _inputs, _pair, _step
 from test_sigmoid_bce import _loss_and_grad, _reference as _bce_reference
 from test_train_step import _check_converges_alike, _run as _run_train_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 ACT_CODES = fastgan.ops.ACTIVATIONS
 
 
@@ -490,7 +489,7 @@ def test_gpu_fp16_storage_model(kind):
     fast, ref = _pair(kind, 64, "cuda", "cuda", torch.float16)
     x = _inputs(kind, 32, "cuda")
     dy = torch.randn((32, 3, 64, 64) if kind == "G" else (32,), device="cuda")
-    _check_half_parity(fast, ref, x, dy, "fp16")
+    _check_reduced_parity(fast, ref, x, dy, "fp16")
 
 
 _RACECHECK_SCRIPT = """
@@ -517,6 +516,8 @@ def test_gpu_compute_sanitizer(extension, tool):
                                                                      "compute-sanitizer")
     if not os.path.isfile(sanitizer):
         pytest.skip("compute-sanitizer is not installed (it comes with the CUDA toolkit)")
-    out = subprocess.run([sanitizer, "--tool", tool, "--error-exitcode", "1", sys.executable, "-c",
+    # --report-api-errors no: torch's own probing calls (a device query that may fail) are not kernel errors
+    out = subprocess.run([sanitizer, "--tool", tool, "--error-exitcode", "1", "--report-api-errors", "no",
+                          sys.executable, "-c",
                           _RACECHECK_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "done" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]

@@ -5,9 +5,8 @@ import torch
 import fastgan
 from fastgan import ops
 from fastgan.ops import backends
-from parity import HAS_CUDA, needs_triton_here
+from parity import DEVICES, needs_triton_here
 
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 
 def _samples(device):

@@ -5,9 +5,8 @@ import torch.nn.functional as F
 
 from fastgan.nn import losses
 from fastgan.ops.functional import sigmoid_bce
-from parity import HAS_CUDA, assert_close, needs_backend_here, needs_triton_here
+from parity import DEVICES, assert_close, needs_backend_here, needs_triton_here
 
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 
 def _loss_and_grad(fn, logits):

@@ -13,16 +13,21 @@ a later one's time.  At 10 s before its limit a stage gets SIGINT (pytest still 
 limit SIGKILL.  The budgets are a plan, not measurements: no GPU has run this yet.  bench's first
 configuration pays the cold compiles (torch.compile's and fastgan's Triton kernels not compiled by the tests).
 
-    build-ext        100   python -m fastgan build-ext (C++/CUDA extension, cpu + sm_90; 5 files, in parallel)
-    gpu-tests        110   pytest -m gpu tests, full size, every backend; the most decisive files first
-    bench-g64-fp32    70   python -m fastgan bench --batch 128 --ngf 64 --ndf 64 --dtype fp32
-    bench-g64-bf16    55   ... --dtype bf16 (autocast, channels_last)
-    bench-g128-fp32   50   ... --ngf 128 --ndf 128 --dtype fp32
-    bench-g128-bf16   50   ... --ngf 128 --ndf 128 --dtype bf16
-    profile           30   python -m fastgan profile, b128 g64 bf16: per-category GPU time, Chrome traces
-    gpu-sanitizer     15   the compute-sanitizer tests (racecheck, memcheck), on what time is left
+    build-ext         80   python -m fastgan build-ext (C++/CUDA extension, cpu + sm_90; 5 files, in parallel)
+    gpu-tests        160   pytest -m gpu tests, full size, every backend; the most decisive files first
+    bench-g64-fp32    55   python -m fastgan bench --batch 128 --ngf 64 --ndf 64 --dtype fp32
+    bench-g64-bf16    45   ... --dtype bf16 (autocast, channels_last)
+    bench-g128-fp32   35   ... --ngf 128 --ndf 128 --dtype fp32
+    bench-g128-bf16   35   ... --ngf 128 --ndf 128 --dtype bf16
+    profile           25   python -m fastgan profile, b128 g64 bf16: per-category GPU time, Chrome traces
+    gpu-sanitizer     45   the compute-sanitizer tests (racecheck, memcheck)
+    doctor             0   python -m fastgan doctor --quick --json: only on time the stages above left unused
                      ---
                      480   8 minutes, leaving one of the 9 for start-up (an editable install, if wanted)
+
+The GPU tests need some 450-600 cold Triton compilations (counted with tests/sm90.py's recorder), about a
+second each on one CPU core: where pytest-xdist is installed (the GPU image has it) they run in
+XDIST_WORKERS processes on the one GPU, so that the compilations share the host's cores.
 
 bench runs every peer but torch.compile's max-autotune mode (minutes of autotuning per configuration), 30
 timed steps after 5 warm-up steps.  If build-ext does not succeed, later stages do not build the extension
@@ -30,14 +35,15 @@ again: they see backend "cuda" as unavailable, and say so.
 
 Files written into DIR (at most 8, the device tool's limit): summary.md (the environment, the stage table,
 the bench and profile tables and the end of each failed stage's log), gpu-tests.xml (junit), bench.md,
-profile.md, traces.tar.gz (the profile's Chrome traces, for https://ui.perfetto.dev) and logs.tar.gz
-(every stage's full log).  A new stage is one more Stage in STAGES; one whose standard output is a result
+profile.md, traces.tar.gz (the profile's Chrome traces, for https://ui.perfetto.dev), doctor.json and
+logs.tar.gz (every stage's full log).  A new stage is one more Stage in STAGES; one whose standard output is a result
 (``fastgan doctor --json``, say) names its file with ``stdout=``.
 """
 import argparse
 import dataclasses
 import datetime
 import importlib.metadata
+import importlib.util
 import os
 import platform
 import shutil
@@ -63,6 +69,7 @@ PYTEST = ("-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", "--durations", 
 DECISIVE_TESTS = ("test_models.py", "test_train_step.py", "test_conv_gemm.py", "test_cuda_ext.py", "test_step.py",
                   "test_sigmoid_bce.py", "test_presets.py")
 BENCH = ("--batch", "128", "--compile-modes", "default", "--steps", "30", "--warmup", "5")
+XDIST_WORKERS = 8  # of the GPU machine's 16 cores; each worker holds a CUDA context (~0.5 GiB) on the one GPU
 
 
 @dataclasses.dataclass
@@ -106,6 +113,13 @@ def tests_in_order(root):
     return [str(Path("tests") / f) for f in ordered]
 
 
+def parallel_tests():
+    """pytest-xdist's options where it is installed: each test to the next free worker, in file order."""
+    if importlib.util.find_spec("xdist") is None:
+        return []
+    return ["-n", str(XDIST_WORKERS), "--dist", "load"]
+
+
 def bench_stage(ngf, dtype, budget_s):
     return Stage(f"bench-g{ngf}-{dtype}", budget_s, lambda c: [
         "-m", "fastgan", "bench", *BENCH, "--ngf", str(ngf), "--ndf", str(ngf), "--dtype", dtype,
@@ -137,19 +151,21 @@ def after_profile(check, result):
 
 
 STAGES = (
-    Stage("build-ext", 100, lambda c: ["-m", "fastgan", "build-ext"], after=after_build),
-    Stage("gpu-tests", 110, lambda c: [*PYTEST, "-m", "gpu", "-k", "not compute_sanitizer",
+    Stage("build-ext", 80, lambda c: ["-m", "fastgan", "build-ext"], after=after_build),
+    Stage("gpu-tests", 160, lambda c: [*PYTEST, *parallel_tests(), "-m", "gpu", "-k",
+                                       "not compute_sanitizer and not test_doctor_gpu",
                                        "--junitxml", str(c.out / "gpu-tests.xml"), *tests_in_order(ROOT)]),
-    bench_stage(64, "fp32", 70),
-    bench_stage(64, "bf16", 55),
-    bench_stage(128, "fp32", 50),
-    bench_stage(128, "bf16", 50),
-    Stage("profile", 30, lambda c: [
+    bench_stage(64, "fp32", 55),
+    bench_stage(64, "bf16", 45),
+    bench_stage(128, "fp32", 35),
+    bench_stage(128, "bf16", 35),
+    Stage("profile", 25, lambda c: [
         "-m", "fastgan", "profile", "--batch", "128", "--ngf", "64", "--ndf", "64", "--dtype", "bf16", "--steps", "3",
         "--warmup", "3", "--trace-dir", str(c.work / "traces"),
         "--markdown", str(c.out / "profile.md")], after=after_profile),
-    Stage("gpu-sanitizer", 15, lambda c: [*PYTEST, "-m", "gpu", "-k", "compute_sanitizer",
+    Stage("gpu-sanitizer", 45, lambda c: [*PYTEST, "-m", "gpu", "-k", "compute_sanitizer",
                                           "--junitxml", str(c.logs / "gpu-sanitizer.xml"), "tests/test_cuda_ext.py"]),
+    Stage("doctor", 0, lambda c: ["-m", "fastgan", "doctor", "--quick", "--json", str(c.out / "doctor.json")]),
 )
 
 
