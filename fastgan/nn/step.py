@@ -75,7 +75,7 @@ class CapturedStep:
         self.label_smoothing = label_smoothing
         self.warmup = warmup
         self._replays = {}
-        self._tensors = None  # what the graphs read: see _tensors_read
+        self._read = None  # what the graphs read: see _reads_the_same
 
     def matches(self, opt_g, opt_d, label_smoothing):
         return self.opt_g is opt_g and self.opt_d is opt_d and self.label_smoothing == label_smoothing
@@ -83,8 +83,8 @@ class CapturedStep:
     def __call__(self, real, noise=None):
         if not isinstance(real, torch.Tensor):
             raise TypeError(f"real must be a torch.Tensor batch of images, got {type(real).__name__}")
-        if real.device.type == "cuda" and (tensors := self._tensors_read()) != self._tensors:
-            self._replays, self._tensors = {}, tensors
+        if real.device.type == "cuda" and not self._reads_the_same():
+            self._replays = {}
         replay = self._replays.get(key := self._key(real, noise))
         if replay is None:
             if real.device.type == "cuda":
@@ -121,12 +121,18 @@ class CapturedStep:
             replay.graph = graph
             graph.replay()  # the capture recorded the step without running it
 
-    def _tensors_read(self):
-        """The storages a graph bakes in, besides the static buffers: parameters, the optimizers' state objects
-        and learning rates (a float lr is a constant in the graph)."""
+    def _reads_the_same(self):
+        """Whether the graphs' inputs besides the static buffers are the ones they were captured with (and
+        remember the current ones): the parameters' storages, the optimizers' state objects (held, so that a
+        new one is never taken for the old at a reused address) and learning rates (a float lr is a constant
+        in the graph)."""
         lrs = tuple(g["lr"].data_ptr() if torch.is_tensor(g["lr"]) else g["lr"]
                     for opt in (self.opt_g, self.opt_d) for g in opt.param_groups)
-        return (tuple(p.data_ptr() for p in self.gan.parameters()), id(self.opt_g.state), id(self.opt_d.state), lrs)
+        read = (tuple(p.data_ptr() for p in self.gan.parameters()), lrs), (self.opt_g.state, self.opt_d.state)
+        same = self._read is not None and read[0] == self._read[0] and all(
+            new is old for new, old in zip(read[1], self._read[1]))
+        self._read = read
+        return same
 
     def _key(self, real, noise):
         """What a captured graph bakes in: shapes, autocast, TF32, train/eval modes, fusion levels, backends."""
