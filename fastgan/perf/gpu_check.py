@@ -36,8 +36,8 @@ again: they see backend "cuda" as unavailable, and say so.
 Files written into DIR (at most 8, the device tool's limit): summary.md (the environment, the stage table,
 the bench and profile tables and the end of each failed stage's log), gpu-tests.xml (junit), bench.md,
 profile.md, traces.tar.gz (the profile's Chrome traces, for https://ui.perfetto.dev), doctor.json and
-logs.tar.gz (every stage's full log).  A new stage is one more Stage in STAGES; one whose standard output is a result
-(``fastgan doctor --json``, say) names its file with ``stdout=``.
+logs.tar.gz (every stage's full log).  A new stage is one more Stage in STAGES; one whose standard output is
+a result names its file with ``stdout=``.
 """
 import argparse
 import dataclasses
