@@ -17,14 +17,12 @@ Without BN the forward and backward are a single elementwise pass.  The elementw
 
 ACT (a constexpr): 0 none, 1 relu, 2 leaky_relu(slope), 3 tanh, as in fastgan.ops.ACTIVATIONS.
 """
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from ..usage import UsageError
-from . import outputs
+from . import outputs, tiling
 
 
 @triton.jit
@@ -300,11 +298,9 @@ def _tiles(N, L, C, s_c):
     return block_n, block_l, block_c
 
 
-@functools.cache
 def _target_programs(device):
-    if device.type != "cuda":
-        return 4  # the interpreter runs programs one at a time
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    limits = tiling.device_of(device)
+    return 4 if limits is None else 4 * limits.sms  # the interpreter runs programs one at a time
 
 
 def _splits(N, C, block_n, block_c, device):
@@ -314,23 +310,9 @@ def _splits(N, C, block_n, block_c, device):
     return triton.cdiv(N, n_per_split), n_per_split
 
 
-INT32_MAX = 2**31 - 1
-
-
-def _check_int32(name, t):
-    """The kernels index with int32: t's elements, and the offset of its furthest one, must fit."""
-    if t.numel() > INT32_MAX:
-        raise UsageError(f"bn_act indexes with int32: {name} has {t.numel()} elements, more than 2**31 - 1; "
-                         "split the batch")
-    reach = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
-    if reach > INT32_MAX:
-        raise UsageError(f"bn_act indexes with int32: {name} (shape {tuple(t.shape)}, strides {t.stride()}) "
-                         f"reaches element {reach}, past 2**31 - 1; pass it contiguous, or split the batch")
-
-
 def _geometry(z):
-    """(N, L, C) of z; checks its size against int32 (before any copy of it is made)."""
-    _check_int32("z", z)
+    """(N, L, C) of z; checks its size against int32 (before any copy of it is made: _dense follows)."""
+    outputs.check_int32("bn_act", "z", z, reach=False)
     N, C = z.shape[:2]
     return N, (z.numel() // (N * C) if N * C else 0), C
 
@@ -393,7 +375,7 @@ def bn_act_backward(dy, z, mean, invstd, weight, bias, batch_stats, act, slope):
     With BN: the reduce writes sum(g), sum(g*xhat) per (batch split, channel), the finalize sums the splits
     once per channel (into dbias, dweight), and the elementwise pass reads those (C,) sums."""
     N, L, C = _geometry(z)
-    _check_int32("dy", dy)
+    outputs.check_int32("bn_act", "dy", dy)
     dy, dy_strides = _nlc(dy)
     z = _dense(z)
     dz = outputs.empty_like(z)

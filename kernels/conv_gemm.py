@@ -30,7 +30,6 @@ On a GPU a launch takes the first of kernels.tiling's candidate tiles that fit t
 with FASTGAN_AUTOTUNE=1 the fastest of them, benchmarked on the first call per shape.  Under
 TRITON_INTERPRET=1 the tiles are fixed.
 """
-import inspect
 import os
 from typing import NamedTuple, Optional
 
@@ -38,7 +37,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..usage import UsageError
 from . import outputs, tiling
 from .bn_act import _activate, _activation_grad, update_running_stats
 from .geometry import Geometry
@@ -357,8 +355,8 @@ def _prune_wgrad(configs, named_args, **kw):
 def _autotuned(kernel, tiles, names, key, prune):
     # The configs listed are the tuning space at 16-bit BLOCK_K; the prune returns the ones that fit the launch.
     configs = [_config(t, names) for t in tiles]
-    persist = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune}, **persist)(kernel)
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune},
+                           cache_results=True)(kernel)
 
 
 _CONV_KEY = ["C_in", "H_in", "W_in", "C_out", "ROWS", "UP", "S", "PRO", "ACT_IN", "EPI", "PRECISION", "BLOCK_M"]
@@ -442,13 +440,6 @@ def _precision(dtype, allow_tf32):
     return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
 
 
-def _check_int32(*tensors):
-    for t in tensors:
-        if t.numel() >= 2**31:
-            raise UsageError(f"conv_gemm indexes with int32: a tensor of {t.numel()} elements is too large; "
-                             "split the batch")
-
-
 def conv(src, weight, geometry, out, epilogue=EPI_STORE, below=None, allow_tf32=True):
     """out = DOWN/UP(src, weight) with src loaded through its prologue; returns the epilogue's Partials.
 
@@ -460,7 +451,8 @@ def conv(src, weight, geometry, out, epilogue=EPI_STORE, below=None, allow_tf32=
     x = src.t
     N, C_in, H_in, W_in = x.shape
     C_out, H_out, W_out = out.shape[1:]
-    _check_int32(x, out)
+    for name, t in (("src", x), ("out", out)):
+        outputs.check_int32("conv_gemm", name, t)
     S, P = geometry.stride, geometry.padding
     classes = S * S if geometry.up else 1
     rows = N * H_out * W_out // classes
@@ -494,7 +486,8 @@ def wgrad(lo, hi, geometry, allow_tf32=True):
     l, h = lo.t, hi.t
     N, C_lo, H_lo, W_lo = l.shape
     C_hi, H_hi, W_hi = h.shape[1:]
-    _check_int32(l, h)
+    for name, t in (("lo", l), ("hi", h)):
+        outputs.check_int32("conv_gemm", name, t)
     K = N * H_lo * W_lo
     precision = _precision(l.dtype, allow_tf32)
     if INTERPRETED:

@@ -207,7 +207,6 @@ def fake_sm90(log, autotune=False):
                 if isinstance(fn, (JITFunction, Autotuner)):
                     stack.enter_context(mock.patch.object(module, name, _Recorder(fn, log)))
         stack.enter_context(mock.patch.object(tiling, "device_of", lambda device: tiling.SM90))
-        stack.enter_context(mock.patch.object(bn_act, "_target_programs", lambda device: 4 * tiling.SM90.sms))
         # The tensors are fake CPU tensors (the autograd engine needs a real device for fake CUDA ones).
         stack.enter_context(mock.patch.object(backends, "interpreter_enabled", lambda: True))
         stack.enter_context(mock.patch.object(conv_gemm, "AUTOTUNE", autotune))

@@ -7,7 +7,7 @@ from torch import nn
 from fastgan.kernels import tiling
 from fastgan.nn import fused_conv
 from fastgan.nn.layers import FusedSequential
-from fastgan.ops import conv_chain
+from fastgan.ops import backends, conv_chain
 from parity import assert_close, init_params, needs_triton_here
 
 HEAVIEST = tiling.Operand(2, True)  # the dgrad's A: the BN backward map of g and z
@@ -60,7 +60,7 @@ def test_l2_falls_back_to_l1_with_the_reason(monkeypatch):
     """When no tile fits, the layers run at L1 (no conv_chain), say why once, and give the same numbers."""
     needs_triton_here("cpu")
     monkeypatch.setattr(tiling, "device_of", lambda device: SMALL_GPU)
-    fused_conv._warn_once.cache_clear()
+    backends.warn_once.cache_clear()
     calls = []
     original = conv_chain.conv_chain
     monkeypatch.setattr(conv_chain, "conv_chain", lambda *args: calls.append(1) or original(*args))

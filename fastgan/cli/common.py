@@ -30,13 +30,11 @@ def read_checkpoint(path, flag):
         raise UsageError(f"{flag} {path} is a folder; give the checkpoint file in it")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only load failed" in str(exc).lower():  # a pickled module or object: never unpickled here
+    except Exception as exc:  # zip, pickle and torch errors alike: the file is not a checkpoint
+        if isinstance(exc, pickle.UnpicklingError) and "weights only load failed" in str(exc).lower():
             raise UsageError(f"{flag} {path} holds pickled Python objects, not just tensors (a model saved with "
                              "torch.save(model)?); fastgan loads state_dicts only: save model.state_dict() "
-                             "instead") from None
-        raise UsageError(f"{flag} {path} is not a readable checkpoint ({_first_line(exc)})") from None
-    except Exception as exc:  # zip, pickle and torch errors alike: the file is not a checkpoint
+                             "instead") from None  # never unpickled here
         raise UsageError(f"{flag} {path} is not a readable checkpoint ({_first_line(exc)})") from None
 
 

@@ -12,8 +12,6 @@ everything else runs at L1 (fastgan.ops.functional.conv_bn_act).
 The chain's ops are re-exported here (``conv_chain``, ``conv_chain_backward``, ``ConvChain``, ``Link``,
 ``encode``, ``decode``) from fastgan.ops.conv_chain, where they are defined.
 """
-import functools
-import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -78,16 +76,11 @@ def _chain_dtype(x):
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
-@functools.cache
-def _warn_once(message):
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
 def _fits(x):
     """Whether the chain's kernels fit x's device in the chain's dtype; warns once with the reason if not."""
     problem = tiling.l2_problem(_chain_dtype(x), x.device)
     if problem is not None:
-        _warn_once(f"fastgan: these layers run at fusion level L1, not L2: {problem}")
+        backends.warn_once(f"fastgan: these layers run at fusion level L1, not L2: {problem}", stacklevel=3)
     return problem is None
 
 

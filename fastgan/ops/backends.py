@@ -116,8 +116,9 @@ _PROBLEMS = {"torch": lambda device: None, "triton": _triton_problem, "cuda": ex
 
 
 @functools.cache
-def _warn_once(message):
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+def warn_once(message, stacklevel=2):
+    """A RuntimeWarning, once per process and message; ``stacklevel`` as warnings.warn's, from the caller."""
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
 
 
 def resolve(backend, device):
@@ -137,7 +138,7 @@ def resolve(backend, device):
         problem = _PROBLEMS[candidate](device)
         if problem is None:
             return candidate
-        _warn_once(f"fastgan: backend 'auto' cannot use {candidate}, falls back: {problem}")
+        warn_once(f"fastgan: backend 'auto' cannot use {candidate}, falls back: {problem}")
     return "torch"
 
 
