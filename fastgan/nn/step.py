@@ -137,8 +137,9 @@ class CapturedStep:
     def _key(self, real, noise):
         """What a captured graph bakes in: shapes, autocast, TF32, train/eval modes, fusion levels, backends."""
         device = real.device.type
-        modes = tuple((module.training, getattr(module, "level", None), getattr(module, "backend", None))
-                      for module in self.gan.modules())
+        # through vars(): a missing attribute costs nn.Module.__getattr__ an exception, 4 us a module and step
+        modes = tuple((state["training"], state.get("level"), state.get("backend"))
+                      for state in map(vars, self.gan.modules()))
         return (tuple(real.shape), real.dtype, real.device, None if noise is None else (noise.shape, noise.dtype),
                 torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
                 torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, modes, backends.forced())
