@@ -6,7 +6,8 @@ One epoch per timed call; extra_info["images_per_s"] is the delivered rate at th
 ``feeder`` (the cached uint8 set and fastgan.cli.feed.Feeder's batches; ``feeder-2-threads``: two host
 threads instead of the CPU's default one), ``first-run`` (the cache built from the
 files, then an epoch of the Feeder).  Folder: CelebA-sized (178x218) JPEGs made here.  On a GPU, device-resident
-and streamed batches too, and fastgan train's loop beside the bare step on a fixed batch.  In --benchmark-disable mode (CI) every set is small and each call runs once.
+and streamed batches too, and fastgan train's loop beside the bare step on a fixed batch.  In --benchmark-disable
+mode (CI) every set is small and each call runs once.
 """
 import gzip
 import pickle

@@ -316,15 +316,21 @@ def _too_long(signum, frame):
     raise _TooLong
 
 
-if __name__ == "__main__":  # the tally: python cli_probes.py FIXTURES_DIR (with the fastgan to judge on PYTHONPATH)
+if __name__ == "__main__":  # the tally: python cli_probes.py FIXTURES_DIR (with the fastgan to judge on PYTHONPATH;
+    # a second tally, of an older fastgan, reuses the fixtures the first one made)
     import json
     import signal
 
     from fastgan import cli
 
-    root = sys.argv[1]
-    with open(os.path.join(root, "paths.json")) as f:
-        paths = json.load(f)
+    root, saved = sys.argv[1], os.path.join(sys.argv[1], "paths.json")
+    if os.path.exists(saved):  # fixtures an earlier tally made (with the fastgan whose files the probes name)
+        with open(saved) as f:
+            paths = json.load(f)
+    else:
+        paths = make_fixtures(root)
+        with open(saved, "w") as f:
+            json.dump(paths, f)
     signal.signal(signal.SIGALRM, _too_long)
     tally = {}
     for name, argv, env, (kind, text) in PROBES:

@@ -92,10 +92,6 @@ def test_doctor_user_errors_are_one_line(tmp_path, argv, message):
     assert message.format(tmp=tmp_path) in text
 
 
-def test_one_tolerance_table():
-    assert parity.TOLERANCES is tolerances.TOLERANCES and parity.rel_l2 is tolerances.rel_l2
-
-
 def test_compare_nan_integers_and_the_autocast_baseline():
     truth = {"G out": {"output": torch.ones(4)}, "G stats": {"main.1.num_batches_tracked": torch.tensor(3)}}
     nan = {"G out": {"output": torch.full((4,), float("nan"))},

@@ -8,7 +8,6 @@ from fastgan.ops import backends
 from parity import DEVICES, needs_triton_here
 
 
-
 def _samples(device):
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(3, 4, 5, 5, generator=gen).to(device).requires_grad_()

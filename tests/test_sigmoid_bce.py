@@ -8,7 +8,6 @@ from fastgan.ops.functional import sigmoid_bce
 from parity import DEVICES, assert_close, needs_backend_here, needs_triton_here
 
 
-
 def _loss_and_grad(fn, logits):
     logits = logits.detach().clone().requires_grad_()
     loss = fn(logits)

@@ -29,7 +29,7 @@ import re
 
 import torch
 
-from ..nn.checkpoint import CHECKPOINT, TRAIN_STATE
+from ..nn.checkpoint import CHECKPOINT, is_train_state
 from ..usage import UsageError
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -159,7 +159,7 @@ def read_epoch_set(train_state_path, netG=None, netD=None):
     """A Source from a train_state file and its weight files (by default the netG/netD_epoch_N.pth beside it);
     UsageError naming the file when the set is not whole."""
     record = peek(train_state_path)
-    if record is None or not (record.get("format") == TRAIN_STATE or {"trainer", "settings"} <= record.keys()):
+    if not is_train_state(record):
         raise UsageError(f"{train_state_path} is not a readable fastgan train_state file")
     folder = os.path.dirname(train_state_path)
     files = epoch_files(folder, record["epoch"])

@@ -35,7 +35,7 @@ import uuid
 import torch
 
 from ..nn import distributed, losses, presets
-from ..nn.checkpoint import CHECKPOINT, TRAIN_STATE, find_state_dict, load_checkpoint
+from ..nn.checkpoint import CHECKPOINT, TRAIN_STATE, find_state_dict, is_train_state, load_checkpoint
 from ..nn.layers import fuse
 from ..ops import backends
 from ..usage import (UsageError, int_at_least_2, natural_float, natural_int, positive_float, positive_int, seed_int,
@@ -458,7 +458,7 @@ class Run:
         record = checkpoints.peek(path)
         if record is not None and record.get("format") == CHECKPOINT:
             return checkpoints.read_checkpoint_file(path)
-        if record is not None and (record.get("format") == TRAIN_STATE or {"trainer", "settings"} <= record.keys()):
+        if is_train_state(record):
             return checkpoints.read_epoch_set(path)
         raise UsageError(f"--resume {path} is not a fastgan checkpoint (checkpoint.pt or train_state_epoch_N.pt); "
                          "to start from a generator's or discriminator's weights use --netG/--netD")

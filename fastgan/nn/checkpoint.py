@@ -36,13 +36,19 @@ def is_state_dict(value):
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
 
 
+def is_train_state(record):
+    """Whether a loaded file is a fastgan train_state: marked so, or (before the mark) with its keys."""
+    return isinstance(record, dict) and (record.get("format") == TRAIN_STATE
+                                         or {"trainer", "settings"} <= record.keys())
+
+
 def describe(checkpoint):
     """What a loaded checkpoint that holds no model weights is, as a phrase; None when it may hold some."""
     if not isinstance(checkpoint, dict):
         return f"a {type(checkpoint).__name__}, not a state_dict"
     if checkpoint.get("format") == CHECKPOINT:
         return None
-    if checkpoint.get("format") == TRAIN_STATE or {"trainer", "settings", "history"} <= checkpoint.keys():
+    if is_train_state(checkpoint):
         step = checkpoint.get("step")
         return ("a fastgan train_state file (optimizer state and position of a run"
                 + (f", step {step}" if step is not None else "") + "; no weights): use the netG_epoch_N.pth "
