@@ -16,6 +16,7 @@ import traceback
 TINY = ["--batchSize", "4", "--ngf", "4", "--ndf", "4", "--builtin-images", "16", "--manualSeed", "1",
         "--device", "cpu", "--max-steps", "1", "--outf", "{new}"]
 NO_INTERPRETER = {"TRITON_INTERPRET": "0"}  # Triton cannot run CPU tensors: as on a machine without a GPU
+CACHE = {"FASTGAN_CACHE_DIR": "{scratch}/cache"}  # the image caches of the folder probes
 
 
 def train(*flags, outf=None):
@@ -124,6 +125,21 @@ PROBES = [
     ("train resume an older epoch over later ones", ["train", "--resume", "{run}/train_state_epoch_0.pt",
                                                       "--max-steps", "5"], {},
      ("error", "this run, later: step 6")),
+    ("train --resume past a damaged checkpoint.pt", ["train", "--resume", "{damaged}", "--max-steps", "7"], {},
+     ("ok", "falling back to the newest whole epoch set")),
+    ("train --resume, damaged checkpoint.pt and no epoch set", ["train", "--resume", "{damaged_alone}"], {},
+     ("error", "holds no whole epoch set (train_state_epoch_N.pt with its netG/netD files) to fall back to; start a "
+               "new run with --outf DIR")),
+    ("train folder of 16-bit, float and transparent images", train("--dataset", "folder", "--dataroot", "{decode}",
+                                                                   "--batchSize", "2"), CACHE,
+     ("ok", "folder (3 images)")),
+    ("train folder: unreadable files named once, with why", train("--dataset", "folder", "--dataroot", "{decode}",
+                                                                  "--batchSize", "2"), CACHE,
+     ("ok", "3 of 6 images under")),
+    ("train folder with a link loop", train("--dataset", "folder", "--dataroot", "{loop}", "--batchSize", "2"), CACHE,
+     ("ok", "folder (3 images)")),
+    ("train folder of unreadable files", train("--dataset", "folder", "--dataroot", "{undecodable}"), CACHE,
+     ("error", "none of the 2 images under --dataroot")),
     ("train --niter 0", train("--niter", "0"), {}, ("ok", "nothing to do")),
     ("train --sync-bn in one process", train("--sync-bn", "--max-steps", "0"), {}, ("ok", "--sync-bn has no effect")),
     # sample
@@ -170,6 +186,12 @@ PROBES = [
     ("sample checkpoint.pt", ["sample", "--netG", "{run}/checkpoint.pt", "--n", "4", "--out", "{new}/s.png"], {},
      ("ok", "using the 'netG' entry")),
     ("sample .jpg", ["sample", "--netG", "{G}", "--n", "2", "--out", "{new}/s.jpg"], {}, ("ok", "2 samples")),
+    ("sample --n 100000000", ["sample", "--netG", "{G}", "--n", "100000000", "--out", "{new}/s.png"], {},
+     ("error", "--n 100000000: a grid of 100000000 64x64 images is 530x825000002 pixels and needs")),
+    ("sample a JPEG taller than JPEG allows", ["sample", "--netG", "{G}", "--n", "10000", "--out", "{new}/s.jpg"], {},
+     ("error", "pillow writes JPEG images of at most 65500x65500: ask for fewer images, or for more than 8 a row")),
+    ("sample --netG a pickle that would run code", ["sample", "--netG", "{planted}", "--out", "{new}/s.png"], {},
+     ("error", "holds pickled Python objects, not just tensors")),
     # interpolate
     ("interpolate --steps 0 --eval", ["interpolate", "--netG", "{G}", "--steps", "0", "--eval"], {},
      ("error", "argument --steps: expected an integer >= 1, got 0")),
@@ -186,6 +208,8 @@ PROBES = [
      ("error", "argument --mode: invalid choice")),
     ("interpolate --netG train_state", ["interpolate", "--netG", "{run}/train_state_epoch_1.pt",
                                         "--out", "{new}/w.png"], {}, ("error", "is a fastgan train_state file")),
+    ("interpolate --steps 100000000", ["interpolate", "--netG", "{G}", "--steps", "100000000", "--out", "{new}/w.png"],
+     {}, ("error", "ask for fewer images, or for fewer than 100000000 a row (--nrow)")),
     ("interpolate the tutorial's checkpoint", ["interpolate", "--netG", "{tutorial}", "--steps", "3",
                                                "--out", "{new}/w.png"], {}, ("ok", "3 frames")),
     # demo
@@ -212,7 +236,8 @@ PROBES = [
      ("error", "is a file, not a folder")),
     ("build-ext unwritable cache", ["build-ext"], {"FASTGAN_CACHE_DIR": "{afile}/cache"},
      ("error", "is not a writable folder")),
-    ("misspelt command", ["trian"], {}, ("error", "argument command: invalid choice: 'trian'")),
+    ("no command", [], {}, ("error", "fastgan: error: no command given; run one of them")),
+    ("misspelt command", ["trian"], {}, ("error", "argument COMMAND: invalid choice: 'trian'")),
     ("unknown flag", train("--learning-rate", "1"), {},
      ("error", "fastgan train: error: unrecognized arguments: --learning-rate 1")),
     ("flag without its value", ["train", "--lr"], {}, ("error", "argument --lr: expected one argument")),
@@ -253,15 +278,70 @@ def make_fixtures(root):
         "epoch_only": {"epoch": 3},
         "module": nn.Linear(2, 2),
     }
+    paths["planted"] = os.path.join(root, "planted.pth")
     for name, obj in files.items():
         paths[name] = os.path.join(root, f"{name}.pth")
         torch.save(obj, paths[name])
+    torch.save({"main.0.weight": torch.ones(1), "hook": _Planted(os.path.join(root, "ran"))}, paths["planted"])
+    _image_folders(root, paths)
+    for name in ("damaged", "damaged_alone"):  # copies of a run whose checkpoint.pt is cut short
+        paths[name] = os.path.join(root, name)
+        shutil.copytree(paths["run"], paths[name])
+        with open(os.path.join(paths[name], "checkpoint.pt"), "r+b") as f:
+            f.truncate(1000)
+    for name in os.listdir(paths["damaged_alone"]):
+        if "_epoch_" in name:
+            os.remove(os.path.join(paths["damaged_alone"], name))
     for name, content in (("junk", "junk"), ("empty", ""), ("afile", "a file")):
         paths[name] = os.path.join(root, f"{name}.pth" if name != "afile" else name)
         with open(paths[name], "w") as f:
             f.write(content)
     paths["missing"] = os.path.join(root, "missing.pth")
     return paths
+
+
+class _Planted:
+    """A pickle that would make a folder (the probes' "ran") if it were ever unpickled."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __reduce__(self):
+        return os.makedirs, (self.folder,)
+
+
+def _image_folders(root, paths):
+    """decode: a 16-bit PNG, a float TIFF and a transparent PNG, with three files that do not decode (floats out of
+    [0, 1], a broken JPEG, a decompression bomb); loop: three images and a link back up the tree; undecodable:
+    two files that do not decode."""
+    import struct
+    import zlib
+
+    import numpy as np
+    from PIL import Image
+
+    def png_header(width, height):  # a 1-bit PNG without its pixels: what PIL reads when it opens one
+        def chunk(kind, data):
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
+
+    for name in ("decode", "loop", "undecodable"):
+        paths[name] = os.path.join(root, name)
+        os.makedirs(os.path.join(paths[name], "sub"))
+    decode = paths["decode"]
+    Image.fromarray(np.full((40, 40), 32768, np.uint16)).save(os.path.join(decode, "a.png"))
+    Image.fromarray(np.full((40, 40), 0.5, np.float32)).save(os.path.join(decode, "b.tif"))
+    Image.new("RGBA", (40, 40), (0, 0, 0, 0)).save(os.path.join(decode, "c.png"))
+    Image.fromarray(np.full((40, 40), 3.0, np.float32)).save(os.path.join(decode, "d.tif"))
+    for folder in (decode, paths["undecodable"]):
+        with open(os.path.join(folder, "sub", "broken.jpg"), "wb") as f:
+            f.write(b"\xff\xd8 not a jpeg")
+        with open(os.path.join(folder, "sub", "bomb.png"), "wb") as f:
+            f.write(png_header(13500, 13500))
+    for i in range(3):
+        Image.new("RGB", (40, 40), (80 * i, 0, 0)).save(os.path.join(paths["loop"], "sub", f"{i}.png"))
+    os.symlink(paths["loop"], os.path.join(paths["loop"], "sub", "loop"))
 
 
 def expand(argv, paths, new):
@@ -339,8 +419,12 @@ if __name__ == "__main__":  # the tally: python cli_probes.py FIXTURES_DIR (with
         signal.alarm(0)
         if got == "traceback" and "_TooLong" in message:
             got, message = "ok", "still running after 30 s: the bad value was taken"
-        verdict = ("clear error" if got == "error" else "silent (exit 0)" if got == "ok" else got) if kind == "error" \
-            else ("correct" if got == "ok" else got)
+        if kind == "error":
+            verdict = "clear error" if got == "error" else "silent (exit 0)" if got == "ok" else got
+        elif got == "ok":  # it must also say what the probe expects (a count, a fallback): else it went wrong silently
+            verdict = "correct" if text.format(**paths) in message else "silent (wrong result)"
+        else:
+            verdict = got
         tally[verdict] = tally.get(verdict, 0) + 1
         print(f"{verdict:16} {name}: {' '.join(message.split())[:200]}", flush=True)
     print(json.dumps(tally))

@@ -1,8 +1,10 @@
-"""Shared test setup: interpreter mode on CPU-only machines, GPU and slow marks, NaN-poisoned kernel outputs.
+"""Shared test setup: interpreter mode on CPU-only machines, GPU, interpreter and slow marks, NaN-poisoned kernel
+outputs, a working folder of its own per test.
 
-Without CUDA, TRITON_INTERPRET=1 is set here, before anything imports triton, so the Triton
-kernels run on CPU tensors (slowly: keep their shapes tiny).  The helpers tests import live in
-parity.py (a conftest cannot be imported by name: benchmarks/ has one too).
+Without CUDA, TRITON_INTERPRET=1 is set here, before anything imports triton, so the Triton kernels run on CPU
+tensors (slowly: keep their shapes tiny).  Where the interpreter cannot run (a triton that needs numpy<2.4 beside
+numpy 2.4), the tests marked ``interpreter`` skip with that reason.  The helpers tests import live in parity.py
+(a conftest cannot be imported by name: benchmarks/ has one too).
 """
 import os
 import sys
@@ -14,7 +16,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from parity import HAS_CUDA  # noqa: E402
+from parity import HAS_CUDA, interpreter_problem  # noqa: E402
 
 
 # The slow tier: what `pytest -m "not slow"` leaves out (CI runs everything).  The fast tier keeps the parity of
@@ -50,9 +52,12 @@ SLOW = (
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    no_interpreter = interpreter_problem()  # e.g. triton 3.6 with numpy 2.4: one reason, not a failure per test
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        if "interpreter" in item.keywords and no_interpreter:
+            item.add_marker(pytest.mark.skip(reason=no_interpreter))
         path, _, name = item.nodeid.partition("::")
         if f"{os.path.basename(path)}::{name}".startswith(SLOW):
             item.add_marker(pytest.mark.slow)
@@ -72,6 +77,13 @@ def poisoned_outputs():
     _poison(True)
     yield
     _poison(False)
+
+
+@pytest.fixture(autouse=True)
+def own_working_folder(tmp_path_factory, monkeypatch):
+    """Each test runs in an empty folder of its own: none reads, or writes into, the folder pytest started in
+    (README's first command writes out/ there)."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 @pytest.fixture(autouse=True)

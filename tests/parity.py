@@ -1,6 +1,8 @@
 """Test helpers: what runs here, the comparisons, and the tolerances of docs/design.md section 6
 (fastgan.perf.tolerances, the table fastgan doctor uses too)."""
 import contextlib
+import os
+import pathlib
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from fastgan.nn.layers import FusedSequential
 from fastgan.ops import backends
 from fastgan.perf.tolerances import TOLERANCES, rel_l2
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = backends.triton_import_error() is None
 INTERPRETER = backends.interpreter_enabled()
@@ -63,12 +66,26 @@ def needs_backend_here(backend, device):
         pytest.skip(str(exc))
 
 
+def interpreter_problem():
+    """Why Triton's interpreter cannot run in this environment (triton <= 3.7 with numpy >= 2.4), or None.  The
+    tests that run it skip with this one reason (tests/conftest.py), as the GPU tests do without a GPU."""
+    return backends.interpreter_error() if HAS_TRITON and INTERPRETER else None
+
+
 def needs_triton_here(device):
     """Skip (with the reason) when triton cannot run on ``device`` in this process."""
     if not HAS_TRITON:
         pytest.skip("triton does not import")
     if device == "cpu" and not INTERPRETER:
         pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1 (set by conftest only on CPU-only machines)")
+    if device == "cpu" and interpreter_problem():
+        pytest.skip(interpreter_problem())
+
+
+def python_env(**extra):
+    """os.environ for a subprocess that imports this repository's fastgan, whatever the working folder."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            **extra}
 
 
 def init_params(model, seed):

@@ -21,6 +21,7 @@ def test_auto_is_torch_on_cpu(monkeypatch):
     assert backends.resolve(None, CPU) == "torch"
 
 
+@pytest.mark.interpreter  # resolves to triton on the CPU
 def test_environment_variable_overrides_auto(monkeypatch):
     monkeypatch.setenv("FASTGAN_BACKEND", "triton")
     assert backends.resolve("auto", TRITON_DEVICE) == "triton"
@@ -30,6 +31,7 @@ def test_environment_variable_overrides_auto(monkeypatch):
         backends.resolve("auto", CPU)
 
 
+@pytest.mark.interpreter  # resolves to triton on the CPU
 def test_context_manager_overrides_everything(monkeypatch):
     monkeypatch.setenv("FASTGAN_BACKEND", "triton")
     with fastgan.use_backend("torch"):

@@ -1,10 +1,11 @@
 """Bad input gets a clear ValueError/TypeError that names what was expected."""
+import numpy as np
 import pytest
 import torch
 
 import fastgan
 from fastgan.nn import losses
-from fastgan.ops.functional import batch_norm_act
+from fastgan.ops.functional import batch_norm_act, sigmoid_bce
 from parity import needs_triton_here
 
 
@@ -72,6 +73,21 @@ def test_batch_too_small_for_batch_statistics(backend):
         fused(torch.randn(1, 5))
     fused.eval()
     assert fused(torch.randn(1, 5)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool])
+def test_batch_norm_act_wants_floats(dtype):
+    with pytest.raises(TypeError, match=f"z must be floating point .* got {dtype}; convert it with .float()"):
+        batch_norm_act(torch.zeros(2, 3, 4, 4, dtype=dtype), torch.ones(3), torch.zeros(3), backend="torch")
+
+
+def test_sigmoid_bce_wants_a_number_target():
+    logits = torch.randn(4)
+    with pytest.raises(TypeError, match="target must be a number, the label of every element .* got Tensor; for a "
+                                        "target per element use torch.nn.functional.binary_cross_entropy_with_logits"):
+        sigmoid_bce(logits, torch.ones(4), backend="torch")
+    assert torch.allclose(sigmoid_bce(logits, np.float32(1.0), backend="torch"),
+                          sigmoid_bce(logits, 1, backend="torch"))
 
 
 def test_bad_activation_and_backend_names():

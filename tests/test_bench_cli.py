@@ -54,6 +54,7 @@ def test_bench_rejects_unknown_backend(capsys):
     assert "unknown ['tpu']: choose from torch, triton, cuda, comma separated" in capsys.readouterr().err
 
 
+@pytest.mark.interpreter  # the triton peer's reason on the CPU is bf16's, not the interpreter's
 def test_problem_names_the_reason():
     cpu = torch.device("cpu")
     assert "needs CUDA" in bench.problem(bench.compile_peer("max-autotune"), bench.Config(), cpu)

@@ -3,8 +3,10 @@ import gzip
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -12,8 +14,9 @@ import torch
 from PIL import Image
 
 from fastgan import cli
-from fastgan.cli import data, train
+from fastgan.cli import data, sample, train
 from fastgan.nn import presets, reference
+from parity import python_env
 
 TINY = ["--batchSize", "4", "--ngf", "4", "--ndf", "4", "--builtin-images", "16", "--manualSeed", "1",
         "--device", "cpu"]
@@ -118,6 +121,58 @@ def test_ctrl_c_finishes_the_step_then_saves(tmp_path, monkeypatch, capsys):
     reference.Generator(ngf=4).load_state_dict(state["netG"])
 
 
+def test_resume_past_a_damaged_checkpoint_pt(tmp_path, capsys):
+    """A damaged checkpoint.pt gives way to the newest whole epoch set, saying so, and the run replaces it; with
+    no epoch set to fall back to the message names the ways out, not --resume again."""
+    run = tmp_path / "run"
+    assert _train(run, "--max-steps", "6") == 0
+    whole = (run / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt").write_bytes(whole[:len(whole) // 2])
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run), "--max-steps", "8"]) == 0
+    out, err = capsys.readouterr()
+    assert (f"{run}/checkpoint.pt is not a readable checkpoint (RuntimeError: PytorchStreamReader failed reading zip "
+            "archive: failed finding central directory); falling back to the newest whole epoch set, "
+            f"{run}/train_state_epoch_1.pt (step 6)") in err
+    assert "done: 8 steps" in out and torch.load(run / "checkpoint.pt")["step"] == 8
+    (run / "checkpoint.pt").write_bytes(whole[:100])
+    for path in run.glob("*_epoch_*.p*"):
+        path.unlink()
+    message = _error(["train", "--resume", str(run), "--max-steps", "9"])
+    assert f"holds no whole epoch set (train_state_epoch_N.pt with its netG/netD files) to fall back to; start a " \
+           f"new run with --outf DIR (or --force to replace {run}/checkpoint.pt)" in message
+
+
+def test_sample_in_chunks(tmp_path, monkeypatch):
+    """More than CHUNK images are generated in near-equal chunks: with --eval the grid is the same."""
+    _train(tmp_path, "--max-steps", "1")
+    ckpt = str(tmp_path / "netG_epoch_0.pth")
+    assert cli.main(["sample", "--netG", ckpt, "--n", "11", "--eval", "--out", str(tmp_path / "one.png")]) == 0
+    monkeypatch.setattr(sample, "CHUNK", 4)
+    sizes = []
+    write = sample.write_samples
+
+    def recording(G, latents, *args):
+        return write(G, lambda first, count: sizes.append(count) or latents(first, count), *args)
+
+    monkeypatch.setattr(sample, "write_samples", recording)
+    assert cli.main(["sample", "--netG", ckpt, "--n", "11", "--eval", "--out", str(tmp_path / "chunks.png")]) == 0
+    assert sizes == [4, 4, 3] and np.array_equal(_png(tmp_path / "one.png"), _png(tmp_path / "chunks.png"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n", "100000000"], "--n 100000000: a grid of 100000000 64x64 images is 530x825000002 pixels and needs "),
+    (["--n", "10000", "--out", "{tmp}/grid.jpg"], "--n 10000: a grid of 10000 64x64 images, 8 a row, is 530x82502 "
+                                                  "pixels; pillow writes JPEG images of at most 65500x65500: ask for "
+                                                  "fewer images, or for more than 8 a row (--nrow)"),
+])
+def test_sample_refuses_a_grid_it_cannot_write_before_any_work(tmp_path, monkeypatch, argv, message):
+    _train(tmp_path, "--max-steps", "1")
+    monkeypatch.setattr(sample, "write_samples", None)  # generating anything would fail: TypeError
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert message in _error(["sample", "--netG", str(tmp_path / "netG_epoch_0.pth"), *argv])
+
+
 @pytest.mark.parametrize("preset,extra", [
     ("dcgan64", ["--loss", "hinge", "--amp", "bf16", "--channels-last"]),
     ("avatar48", []),  # 1 D step : 2 G steps, uniform z
@@ -175,17 +230,34 @@ def test_sample_reference_dataparallel_checkpoint(tmp_path):
     assert np.abs(_png(out).astype(int) - _png(expected).astype(int)).max() <= 1  # rounding at .5 only
 
 
-def test_folder_dataset_skips_unreadable_files(tmp_path, capsys):
+def _png_header(width, height):
+    """A PNG of a 1-bit width x height image, its pixels left out: all PIL reads when it opens one."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
+
+
+def test_folder_dataset_reports_unreadable_files_once(tmp_path, capsys, monkeypatch):
+    """Every unreadable file, drawn by a batch or not (a decompression bomb), is reported once, when the cache is
+    built, and none is counted as an image."""
+    monkeypatch.setenv("FASTGAN_CACHE_DIR", str(tmp_path / "cache"))
     root = tmp_path / "images" / "sub"
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(5):
         Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(root / f"{i}.png")
     (root / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (root / "bomb.png").write_bytes(_png_header(13500, 13500))  # over twice PIL's MAX_IMAGE_PIXELS
     (root / "notes.txt").write_text("not an image")
     assert _train(tmp_path / "out", "--dataset", "folder", "--dataroot", str(tmp_path / "images"),
-                  "--batchSize", "2", "--max-steps", "3", "--workers", "0") == 0
-    assert "skipped 1 unreadable file(s), e.g. " in capsys.readouterr().out
+                  "--batchSize", "2", "--max-steps", "1", "--workers", "0") == 0
+    out, err = capsys.readouterr()
+    assert "64x64x3 folder (5 images)" in out and "skipped" not in out
+    said = [line for line in err.splitlines() if "do not decode" in line]
+    assert len(said) == 1 and "2 of 7 images under" in said[0] and "training on 5" in said[0], err
+    assert "sub/bomb.png (Image size (182250000 pixels) exceeds limit" in said[0], said
+    assert "sub/broken.jpg (not an image file pillow can read)" in said[0], said
 
 
 def test_folder_scales_and_centre_crops(tmp_path):
@@ -234,6 +306,22 @@ def test_builtin_is_deterministic_and_varied():
     assert data.Builtin(28, nc=1)[0][0].shape == (1, 28, 28)
 
 
+def test_each_test_runs_in_an_empty_folder_of_its_own(tmp_path):
+    """README's first command writes out/ into the current folder; no test may see it (tests/conftest.py)."""
+    assert os.listdir(".") == [] and os.path.realpath(".") != os.path.realpath(tmp_path)
+
+
+def test_no_command_prints_the_commands(monkeypatch, capsys):
+    monkeypatch.setattr(train, "run", None)  # starting a run would fail: TypeError
+    with pytest.raises(SystemExit) as info:
+        cli.main([])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("usage: fastgan [-h] COMMAND ...")
+    assert all(f"    {name}" in err for name in cli.COMMANDS)
+    assert err.strip().splitlines()[-1].startswith("fastgan: error: no command given; run one of them, e.g. python "
+                                                   "-m fastgan train --max-steps 300")
+
+
 def test_bad_input_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     assert "does not exist" in _error(["train", "--dataset", "folder", "--dataroot", str(tmp_path / "nope")])
@@ -257,6 +345,6 @@ def test_bad_input_is_one_line(tmp_path):
 def test_bad_input_exit_status_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fastgan", "--dataset", "folder", "--dataroot",
                            str(tmp_path / "nope")], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+                          env=python_env())
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"fastgan train: error: --dataroot {tmp_path / 'nope'} does not exist"]

@@ -62,33 +62,59 @@ def _compare(dataset, reference, batch_size, images=None, failed=(), **feeder_ar
     return every
 
 
+def _decoded(folder):
+    """Folder's images decoded one by one: (uint8 (N, C, S, S), zeros where a file fails; {index: file})."""
+    images = torch.zeros(len(folder), folder.nc, folder.size, folder.size, dtype=torch.uint8)
+    failed = {}
+    for i, path in enumerate(folder.files):
+        try:
+            images[i] = torch.from_numpy(formats.fit_image(path, folder.size, folder.nc).copy())
+        except formats.Unreadable:
+            failed[i] = path
+    return images, failed
+
+
 @pytest.mark.parametrize("nc", [3, 1])
-def test_folder_feeder_equals_todays_loader(tmp_path, nc):
-    """The cached folder gives the per-file decode's images to the bit, in epoch_loader's order, with the broken
-    file's places filled and reported as collate does."""
+def test_folder_feeder_equals_todays_loader(tmp_path, nc, capfd):
+    """The cached folder gives the per-file decode's images to the bit, in epoch_loader's order; the broken file
+    has no place in it, and the build says so."""
     root = _folder(tmp_path / "images")
     dataset = data.make_dataset("folder", str(root), 16, nc)
+    assert "1 of 12 images under" in capfd.readouterr().err
     reference = data.Folder(str(root), 16, nc)
-    assert len(dataset) == len(reference) == 12 and dataset.images.shape == (12, nc, 16, 16)
-    broken = reference.files.index(str(root / "b" / "broken.jpg"))
-    assert dataset.failed == {broken: str(root / "b" / "broken.jpg")} and dataset[broken][0] is None
+    assert reference[reference.files.index(str(root / "b" / "broken.jpg"))][0] is None
+    reference.files.remove(str(root / "b" / "broken.jpg"))
+    assert len(dataset) == len(reference) == 11 and dataset.images.shape == (11, nc, 16, 16) and not dataset.failed
     for i in range(len(reference)):
-        if i != broken:
-            assert torch.equal(dataset[i][0], reference[i][0])
-    _compare(dataset, reference, 3, failed=dataset.failed)
-    _compare(dataset, reference, 3, failed=dataset.failed, resident=True)  # the device path's torch ops, on the CPU
+        assert torch.equal(dataset[i][0], reference[i][0])
+    _compare(dataset, reference, 3)
+    _compare(dataset, reference, 3, resident=True)  # the device path's torch ops, on the CPU
 
 
-def test_a_batch_without_good_images(tmp_path):
+def test_feeder_fills_failed_places_as_collate_does(tmp_path):
+    """Items that failed (Folder's, decoding on access) are left out of the Feeder's batches as collate leaves
+    them out, a batch without a good image included."""
     root = tmp_path / "images"
     _folder(root, n=1, broken=False)
     for i in range(5):
         (root / f"broken{i}.png").write_bytes(b"\x89PNG nothing")
-    dataset = data.make_dataset("folder", str(root), 8, 3)
-    assert len(dataset.failed) == 5
-    _compare(dataset, data.Folder(str(root), 8), 2, failed=dataset.failed, resident=True)
-    batches = _compare(dataset, data.Folder(str(root), 8), 2, failed=dataset.failed)
+    folder = data.Folder(str(root), 8)
+    images, failed = _decoded(folder)
+    assert len(failed) == 5
+    dataset = data.Images(images, failed)
+    _compare(dataset, folder, 2, failed=failed, resident=True)
+    batches = _compare(dataset, folder, 2, failed=failed)
     assert any(x is None for x, _ in batches) and any(x is not None and failed for x, failed in batches)
+
+
+def test_a_folder_that_does_not_decode_is_one_line(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(4):
+        (root / f"broken{i}.png").write_bytes(b"\x89PNG nothing")
+    with pytest.raises(formats.DataError, match=r"none of the 4 images under --dataroot .* decodes: broken0.png "
+                                                r"\(not an image file pillow can read\), .* and 1 more; check"):
+        data.make_dataset("folder", str(root), 8, 3)
 
 
 def test_builtin_feeder_equals_todays_loader():
@@ -214,7 +240,7 @@ def _image_bytes(pixels, kind):
     return out.getvalue()
 
 
-def test_lsun(tmp_path):
+def test_lsun(tmp_path, capfd):
     if formats.lmdb is None:
         pytest.skip("the lmdb package is not installed (pip install 'fastgan[lsun]'); the missing-extra message "
                     "is tested in test_lsun_without_lmdb")
@@ -231,14 +257,13 @@ def test_lsun(tmp_path):
                 values[key] = value
         env.close()
     dataset = data.make_dataset("lsun", str(tmp_path), 16, 3, classes="bedroom,tower_train")
-    assert len(dataset) == 8
-    for i, key in enumerate(sorted(values)):
-        expected = formats.fit_image(io.BytesIO(values[key]), 16, 3)
-        if expected is None:
-            assert dataset.failed == {i: f"{tmp_path / 'tower_train_lmdb'}/{key.decode()}"}
-        else:
-            assert np.array_equal(dataset.images[i].numpy(), expected)
-    assert len(data.make_dataset("lsun", str(tmp_path / "tower_train_lmdb"), 16, 3)) == 3
+    assert ("1 of 8 images under" in capfd.readouterr().err and "tower_train_lmdb/tower_train-0001 (not an image "
+            "file pillow can read)")
+    good = [value for key, value in sorted(values.items()) if value != b"broken"]
+    assert len(dataset) == len(good) == 7
+    for i, value in enumerate(good):
+        assert np.array_equal(dataset.images[i].numpy(), formats.fit_image(io.BytesIO(value), 16, 3))
+    assert len(data.make_dataset("lsun", str(tmp_path / "tower_train_lmdb"), 16, 3)) == 2
     with pytest.raises(formats.DataError, match="--classes kitchen: no kitchen_lmdb or kitchen_train_lmdb .* "
                                                 "present: bedroom_train_lmdb, tower_train_lmdb"):
         data.make_dataset("lsun", str(tmp_path), 16, 3, classes=["kitchen"])
@@ -248,6 +273,100 @@ def test_lsun_without_lmdb(tmp_path, monkeypatch):
     monkeypatch.setattr(formats, "lmdb", None)
     with pytest.raises(formats.DataError, match=r"needs the lmdb package: pip install 'fastgan\[lsun\]'"):
         data.make_dataset("lsun", str(tmp_path), 64, 3)
+
+
+def _palette(colours, transparent=None):
+    image = Image.new("P", (6, 4), 0)
+    image.putpalette([v for colour in colours for v in colour])
+    if transparent is not None:
+        image.info["transparency"] = transparent
+    return image
+
+
+def _pgm16(path, value):
+    path.write_bytes(b"P5 6 4 65535\n" + np.full(24, value, ">u2").tobytes())
+
+
+# (name, how the file is made, its mode when PIL opens it, RGB it must decode to): uniform 6x4 images
+MODES = [
+    ("1", lambda p: Image.new("1", (6, 4), 1).save(p / "x.png"), "1", (255, 255, 255)),
+    ("L", lambda p: Image.new("L", (6, 4), 100).save(p / "x.png"), "L", (100, 100, 100)),
+    ("P", lambda p: _palette([(10, 20, 30)]).save(p / "x.png"), "P", (10, 20, 30)),
+    ("P transparent", lambda p: _palette([(10, 20, 30)], 0).save(p / "x.gif"), "P", (255, 255, 255)),
+    ("RGB", lambda p: Image.new("RGB", (6, 4), (10, 200, 30)).save(p / "x.png"), "RGB", (10, 200, 30)),
+    ("RGBA opaque", lambda p: Image.new("RGBA", (6, 4), (10, 200, 30, 255)).save(p / "x.png"), "RGBA", (10, 200, 30)),
+    ("RGBA transparent", lambda p: Image.new("RGBA", (6, 4), (10, 200, 30, 0)).save(p / "x.png"), "RGBA",
+     (255, 255, 255)),
+    ("RGBA half", lambda p: Image.new("RGBA", (6, 4), (0, 100, 255, 128)).save(p / "x.png"), "RGBA",
+     (127, 177, 255)),
+    ("CMYK", lambda p: Image.new("CMYK", (6, 4), (255, 0, 0, 0)).save(p / "x.tif"), "CMYK", (0, 255, 255)),
+    ("LA", lambda p: Image.new("LA", (6, 4), (100, 0)).save(p / "x.png"), "LA", (255, 255, 255)),
+    ("PA", lambda p: _palette([(10, 20, 30)]).convert("PA").save(p / "x.tif"), "PA", (10, 20, 30)),
+    ("I;16 mid-grey", lambda p: Image.fromarray(np.full((4, 6), 32768, np.uint16)).save(p / "x.png"), "I;16",
+     (128, 128, 128)),
+    ("I;16 levels", lambda p: Image.fromarray(np.full((4, 6), 100 * 257, np.uint16)).save(p / "x.tif"), "I;16",
+     (100, 100, 100)),
+    ("I;16B", lambda p: Image.frombytes("I;16B", (6, 4), np.full(24, 65535, ">u2").tobytes()).save(p / "x.tif"),
+     "I;16B", (255, 255, 255)),
+    ("I (16-bit PGM)", lambda p: _pgm16(p / "x.pgm", 32768), "I", (128, 128, 128)),
+    ("F", lambda p: Image.fromarray(np.full((4, 6), 0.5, np.float32)).save(p / "x.tif"), "F", (128, 128, 128)),
+    ("F quarter", lambda p: Image.fromarray(np.full((4, 6), 0.25, np.float32)).save(p / "x.tif"), "F", (64, 64, 64)),
+]
+
+
+@pytest.mark.parametrize("name, make, mode, rgb", MODES, ids=[m[0] for m in MODES])
+def test_every_mode_decodes_in_its_range(tmp_path, name, make, mode, rgb):
+    make(tmp_path)
+    path = next(tmp_path.iterdir())
+    with Image.open(path) as image:
+        assert image.mode == mode
+    pixels = formats.fit_image(path, 4, 3)
+    assert pixels.shape == (3, 4, 4) and (np.abs(pixels.reshape(3, -1).astype(int) - np.array(rgb)[:, None]) <= 1).all()
+    grey = formats.fit_image(path, 4, 1)
+    expected = (19595 * rgb[0] + 38470 * rgb[1] + 7471 * rgb[2] + 0x8000) >> 16  # ITU-R 601-2, as PIL
+    assert grey.shape == (1, 4, 4) and (np.abs(grey.astype(int) - expected) <= 1).all()
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda p: Image.fromarray(np.full((4, 6), 1000, np.int32)).save(p / "x.tif"),
+     "32-bit integer pixels have no fixed range"),
+    (lambda p: Image.fromarray(np.full((4, 6), 200.0, np.float32)).save(p / "x.tif"),
+     r"float pixels in \[200, 200\]; fastgan reads float images in \[0, 1\]"),
+    (lambda p: Image.fromarray(np.array([[np.nan, 0.5]], np.float32)).save(p / "x.tif"), "float pixels in"),
+    (lambda p: (p / "x.png").write_bytes(b"\x89PNG not really"), "not an image file pillow can read"),
+])
+def test_images_without_a_range_are_unreadable_saying_why(tmp_path, make, why):
+    make(tmp_path)
+    with pytest.raises(formats.Unreadable, match=why):
+        formats.fit_image(next(tmp_path.iterdir()), 4, 3)
+
+
+def test_a_folder_of_16_bit_and_float_images(tmp_path, capfd):
+    """Through the cache (the decode processes): mid-grey is 128 in every form, and a file with no range to read
+    it in is left out and reported with its reason."""
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(root / "a.png")
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(root / "b.tif")
+    Image.new("L", (8, 8), 128).save(root / "c.png")
+    Image.fromarray(np.full((8, 8), 3.0, np.float32)).save(root / "d.tif")
+    dataset = data.make_dataset("folder", str(root), 8, 3)
+    assert len(dataset) == 3 and bool((dataset.images == 128).all())
+    assert "1 of 4 images under" in (err := capfd.readouterr().err) and "d.tif (float pixels in [3, 3]" in err
+
+
+def test_linked_folders_are_walked_once_and_files_counted_once(tmp_path):
+    """A link back up the tree (a loop) and two links to one file: each real file once."""
+    root = _folder(tmp_path / "images", n=6, broken=False)
+    (root / "a" / "loop").symlink_to(root, target_is_directory=True)
+    (root / "b" / "again").symlink_to(root / "a", target_is_directory=True)
+    (root / "twin.jpg").symlink_to(root / "a" / "1.jpg")
+    (root / "dangling.png").symlink_to(root / "nowhere.png")
+    files = formats.image_files(str(root))
+    assert len(files) == 7 and str(root / "dangling.png") in files  # 6 images and the dangling link
+    assert len({os.path.realpath(f) for f in files}) == 7
+    dataset = data.make_dataset("folder", str(root), 8, 3)
+    assert len(dataset) == 6
 
 
 def test_unknown_dataset():
@@ -280,8 +399,9 @@ def test_the_cache_is_built_once_away_from_the_data(tmp_path, capfd):
     pixels = next(p for p in _cache_files() if p.suffix == ".u8")
     stamp = pixels.stat().st_mtime_ns
     again = data.make_dataset("folder", str(root), 16, 3)
-    assert capfd.readouterr().err == "" and pixels.stat().st_mtime_ns == stamp
-    assert torch.equal(first.images, again.images) and again.failed == first.failed
+    said = capfd.readouterr().err.splitlines()  # the broken file, again: every run says what it trains on
+    assert len(said) == 1 and "1 of 12 images under" in said[0] and pixels.stat().st_mtime_ns == stamp
+    assert torch.equal(first.images, again.images)
     data.make_dataset("folder", str(root), 8, 1)  # another transform: a cache of its own
     assert len(_cache_files()) == 6
     assert sorted(root.rglob("*")) == before  # nothing written beside the data
@@ -296,12 +416,13 @@ def test_a_changed_source_rebuilds_the_cache(tmp_path, capfd):
     Image.fromarray(np.full((20, 20, 3), 7, np.uint8)).save(root / "a" / "new.png")
     grown = data.make_dataset("folder", str(root), 16, 3)
     assert "rebuilding the image cache" in (err := capfd.readouterr().err) and "(12 file(s) then, 13 now)" in err
-    assert len(grown) == 13
+    assert len(grown) == 12  # 13 files, one of them broken
     os.utime(root / "a" / "new.png", ns=(1, 1))
     Image.fromarray(np.full((20, 20, 3), 9, np.uint8)).save(root / "a" / "new.png")
     changed = data.make_dataset("folder", str(root), 16, 3)
     assert "13 file(s) then, 13 now, some of them modified" in capfd.readouterr().err
-    index = data.Folder(str(root), 16).files.index(str(root / "a" / "new.png"))
+    files = [f for f in data.Folder(str(root), 16).files if not f.endswith("broken.jpg")]
+    index = files.index(str(root / "a" / "new.png"))
     assert int(changed.images[index].max()) == 9
 
 
@@ -321,7 +442,8 @@ def test_a_damaged_cache_is_rebuilt(tmp_path, capfd, damage, why):
     rebuilt = data.make_dataset("folder", str(root), 16, 3)
     err = capfd.readouterr().err
     said = [line for line in err.splitlines() if line.startswith("fastgan: ")]
-    assert len(said) == 1 and "rebuilding the image cache" in said[0] and why in said[0]
+    assert len(said) == 2 and "rebuilding the image cache" in said[0] and why in said[0]
+    assert "1 of 12 images under" in said[1]  # the broken file
     assert torch.equal(rebuilt.images, good)
 
 
@@ -346,7 +468,7 @@ def test_an_interrupted_build_resumes(tmp_path, monkeypatch, capfd):
     resumed = data.make_dataset("folder", str(root), 16, 3)
     err = capfd.readouterr().err
     assert "resuming the image cache" in err and "at 8 of 24 images" in err
-    assert torch.equal(resumed.images, clean.images) and resumed.failed == clean.failed
+    assert torch.equal(resumed.images, clean.images) and len(resumed) == 23
 
 
 def test_an_unwritable_cache_folder_is_one_line(tmp_path):

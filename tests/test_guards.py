@@ -192,6 +192,28 @@ def test_load_checkpoint_with_no_fitting_entry(generator):
         fastgan.load_checkpoint(fastgan.Generator(nz=8, ngf=2), {"a": {"x": torch.ones(1)}, "b": {"y": torch.ones(1)}})
 
 
+class _Planted:
+    """A pickle that would make a folder if unpickled with weights_only=False."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __reduce__(self):
+        return os.makedirs, (self.folder,)
+
+
+def test_load_checkpoint_never_unpickles_other_objects(tmp_path):
+    torch.save({"main.0.weight": torch.ones(1), "hook": _Planted(str(tmp_path / "ran"))}, tmp_path / "evil.pth")
+    with pytest.raises(fastgan.UsageError, match=r"evil.pth holds pickled Python objects, not just tensors .* is "
+                                                 r"not loaded: unpickling can run any code; if you trust the file, "
+                                                 r"load it yourself .*torch.load\(path, weights_only=False\)"):
+        fastgan.load_checkpoint(fastgan.Generator(nz=8, ngf=2), str(tmp_path / "evil.pth"))
+    assert not (tmp_path / "ran").exists()
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(fastgan.UsageError, match="junk.pth is not a readable checkpoint"):
+        fastgan.load_checkpoint(fastgan.Generator(nz=8, ngf=2), str(tmp_path / "junk.pth"))
+
+
 def test_strip_module_prefix_nested_wrappers():
     assert list(fastgan.strip_module_prefix({"module._orig_mod.main.0.weight": 1, "main.1.bias": 2})) == [
         "main.0.weight", "main.1.bias"]

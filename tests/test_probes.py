@@ -1,6 +1,5 @@
 """Every CLI probe of tests/cli_probes.py gets its answer: a one-line error naming the flag or file and the fix,
 or the right result; a few run as real processes to show that no traceback reaches stderr."""
-import os
 import subprocess
 import sys
 
@@ -8,6 +7,7 @@ import pytest
 
 from cli_probes import PROBES, make_fixtures, run_probe
 from fastgan import cli
+from parity import python_env
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def test_cli_probe(paths, probe):
     assert got == kind, message
     assert text.format(**paths) in message, message
     if kind == "error":
-        assert message.startswith(f"fastgan {argv[0] if argv[0] in cli.COMMANDS else ''}".rstrip()), message
+        assert message.startswith(f"fastgan {argv[0] if argv and argv[0] in cli.COMMANDS else ''}".rstrip()), message
         assert ": error: " in message and "\n" not in message.strip(), message
 
 
@@ -36,7 +36,7 @@ def test_cli_probe(paths, probe):
 ])
 def test_no_traceback_reaches_stderr(paths, argv):
     proc = subprocess.run([sys.executable, "-m", "fastgan", *(a.format(**paths) for a in argv)], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                          text=True, timeout=300, env=python_env())
     assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"fastgan {argv[0]}: error: "), proc.stderr

@@ -1,6 +1,8 @@
-"""python -m fastgan [command]: each command is a module with add_arguments(parser) and run(args).
+"""python -m fastgan COMMAND: each command is a module with add_arguments(parser) and run(args).
 
-A user's mistake ends the command with one line and never a traceback: a bad flag (argparse) with
+Flags without a command go to train, as examples/dcgan's ``python main.py --dataset ...`` would; no arguments
+at all print the usage and the commands (exit status 2, argparse's for a missing argument) rather than start a
+run.  A user's mistake ends the command with one line and never a traceback: a bad flag (argparse) with
 ``fastgan COMMAND: error: ...`` and exit status 2; a fastgan.usage.UsageError raised anywhere below, or
 running out of memory, with ``fastgan COMMAND: error: ...`` and exit status 1.  Anything else that escapes a
 command is a bug in fastgan: its traceback is printed, followed by a line asking for a report.
@@ -24,7 +26,7 @@ COMMANDS = {
     "build-ext": "fastgan.cli.build_ext",
     "doctor": "fastgan.perf.doctor",
 }
-DEFAULT_COMMAND = "train"
+DEFAULT_COMMAND = "train"  # of flags without a command
 BUG_REPORTS = "the fastgan issue tracker"
 
 
@@ -42,14 +44,18 @@ def _out_of_memory(exc):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = [DEFAULT_COMMAND, *argv]
     parser = Parser(prog="fastgan", description="Fast DCGAN training with fused kernels.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
         module.add_arguments(sub.add_parser(name, help=module.__doc__.strip().splitlines()[0],
                                             description=module.__doc__))
+    if not argv:
+        parser.print_help(sys.stderr)
+        parser.error("no command given; run one of them, e.g. python -m fastgan train --max-steps 300 (a short "
+                     "run on built-in images; COMMAND --help lists its flags)")
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the command's parser, so that the message names the command
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -26,10 +26,11 @@ import hashlib
 import io
 import os
 import re
+import sys
 
 import torch
 
-from ..nn.checkpoint import CHECKPOINT, is_train_state
+from ..nn.checkpoint import CHECKPOINT, is_train_state, read_file
 from ..usage import UsageError
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -145,10 +146,7 @@ def set_problem(record, files):
 
 def read_checkpoint_file(path):
     """A Source from a checkpoint.pt file; UsageError when it is not one."""
-    try:
-        record = _load(path)
-    except Exception as exc:  # noqa: BLE001
-        raise UsageError(f"cannot read {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    record = read_file(path)
     if not (isinstance(record, dict) and record.get("format") == CHECKPOINT):
         raise UsageError(f"{path} is not a fastgan checkpoint.pt (resume from a folder with --resume DIR, or "
                          "a train_state_epoch_N.pt)")
@@ -188,18 +186,46 @@ def _epoch_records(folder):
     return sorted(found, key=lambda item: -item[0])
 
 
+def _newest_epoch_set(folder, after):
+    """The newest whole epoch set in ``folder`` with a step after ``after``, as a Source, or None."""
+    for step, state_path, record in _epoch_records(folder):
+        if step <= after:
+            return None
+        if set_problem(record, {**epoch_files(folder, record["epoch"]), "train_state": state_path}) is None:
+            return read_epoch_set(state_path)
+    return None
+
+
 def newest(folder):
     """The newest whole checkpoint in ``folder`` as a Source, or None: checkpoint.pt, or an epoch set with a
-    later step (a save that died between the two)."""
+    later step (a save that died between the two).
+
+    A checkpoint.pt that does not load (damaged on disk, cut short by a copy) gives way to the newest whole
+    epoch set, with a line on stderr saying so; it is then among the Source's files, which the resumed run
+    may replace.  UsageError when there is no epoch set to fall back to."""
     path = os.path.join(folder, CHECKPOINT_FILE)
-    record = peek(path) if os.path.isfile(path) else None
-    step = record["step"] if record and record.get("format") == CHECKPOINT else -1
-    for epoch_step, state_path, epoch_record in _epoch_records(folder):
-        if epoch_step <= step:
-            break
-        if set_problem(epoch_record, {**epoch_files(folder, epoch_record["epoch"]), "train_state": state_path}) is None:
-            return read_epoch_set(state_path)
-    return read_checkpoint_file(path) if step >= 0 else None
+    if not os.path.isfile(path):
+        return _newest_epoch_set(folder, -1)
+    record = peek(path)
+    if record is not None:
+        if record.get("format") != CHECKPOINT:  # another kind of file, not ours to replace (blocking() says so)
+            return _newest_epoch_set(folder, -1)
+        later = _newest_epoch_set(folder, record["step"])
+        if later is not None:
+            return later
+    try:
+        return read_checkpoint_file(path)
+    except UsageError as exc:
+        damage = str(exc)
+    fallback = _newest_epoch_set(folder, -1)
+    if fallback is None:
+        raise UsageError(f"{damage}, and {folder} holds no whole epoch set (train_state_epoch_N.pt with its "
+                         "netG/netD files) to fall back to; start a new run with --outf DIR (or --force to "
+                         f"replace {path})")
+    print(f"fastgan train: {damage}; falling back to the newest whole epoch set, {fallback.label} (the damaged "
+          f"{CHECKPOINT_FILE} is replaced at this run's first save)", file=sys.stderr, flush=True)
+    fallback.files.append(path)
+    return fallback
 
 
 def blocking(folder, run_id, step, epoch, source_files):

@@ -1,10 +1,8 @@
 """Checks the commands share, run before any work starts: the backend (flag or FASTGAN_BACKEND) and
 reading a checkpoint file."""
 import os
-import pickle
 
-import torch
-
+from ..nn.checkpoint import read_file
 from ..ops import backends
 from ..usage import UsageError, one_line
 
@@ -28,16 +26,7 @@ def read_checkpoint(path, flag):
         raise UsageError(f"{flag} {path} does not exist")
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path} is a folder; give the checkpoint file in it")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # zip, pickle and torch errors alike: the file is not a checkpoint
-        if isinstance(exc, pickle.UnpicklingError) and "weights only load failed" in str(exc).lower():
-            raise UsageError(f"{flag} {path} holds pickled Python objects, not just tensors (a model saved with "
-                             "torch.save(model)?); fastgan loads state_dicts only: save model.state_dict() "
-                             "instead") from None  # never unpickled here
-        raise UsageError(f"{flag} {path} is not a readable checkpoint ({_first_line(exc)})") from None
-
-
-def _first_line(exc):
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else f"{type(exc).__name__}: empty or cut short"
+    return read_file(path, f"{flag} {path}",
+                     trusted="fastgan loads state_dicts only: if you trust the file, save the weights it holds "
+                             "with torch.save(torch.load(path, weights_only=False).state_dict(), 'weights.pth') "
+                             "and pass that")

@@ -5,10 +5,12 @@
     for real, failed in feeder.epoch(epoch, skip_batches): ...     # float32 batches on the device (fastgan.cli.feed)
 
 The datasets read from files are decoded once into a cache (fastgan.cli.imagecache) and memory-mapped from it
-after.  Every dataset is also a torch Dataset of (image, index): image a float32 (nc, size, size) tensor in
-[-1, 1], or None for an item that did not decode; :func:`epoch_loader` batches one through a DataLoader with
-:func:`collate`, which fills such places with repeats of the batch's good images and hands their indices to
-the training loop, which counts them.  The Feeder gives the same batches, built on the device.
+after; the cache holds the files that decode, and says, when it is built and at each load, which did not and
+why.  Every dataset is also a torch Dataset of (image, index): image a float32 (nc, size, size) tensor in
+[-1, 1], or None for an item that did not decode (Folder decodes each file when it is read);
+:func:`epoch_loader` batches one through a DataLoader with :func:`collate`, which fills such places with repeats
+of the batch's good images and hands their indices to the caller.  The Feeder gives the same batches, built on
+the device.
 """
 import os
 
@@ -114,13 +116,17 @@ class Folder(Dataset):
         return len(self.files)
 
     def __getitem__(self, index):
-        pixels = formats.fit_image(self.files[index], self.size, self.nc)
-        return (None if pixels is None else _normalise(torch.from_numpy(pixels.copy()))), index
+        try:
+            pixels = formats.fit_image(self.files[index], self.size, self.nc)
+        except formats.Unreadable:
+            return None, index
+        return _normalise(torch.from_numpy(pixels.copy())), index
 
 
 def cached(source, size, nc, cache_dir=None, workers=None):
-    """The Images of ``source`` (an imagecache.Source), decoded into the cache once (``workers`` processes)."""
-    return Images(*imagecache.load(source, size, nc, cache_dir, workers))
+    """The Images of ``source`` (an imagecache.Source), decoded into the cache once (``workers`` processes): the
+    items that decode (the cache says which did not, and why)."""
+    return Images(imagecache.load(source, size, nc, cache_dir, workers))
 
 
 def mnist(root, size, nc=1, cache_dir=None):

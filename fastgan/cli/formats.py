@@ -1,9 +1,10 @@
 """Readers of the formats fastgan trains on, each giving uint8 pixels (C, H, W) or (N, C, H, W).
 
-    fit_image(file, size, nc)   one image file (a path or a file object), scaled so that its shorter side is
-                                ``size`` and centre-cropped (PIL, bilinear), RGB or greyscale; None if it does
-                                not decode
-    image_files(root)           every image file under a folder, recursively, sorted
+    fit_image(file, size, nc)   one image file (a path or a file object) in 8 bits (see to_8bit), scaled so
+                                that its shorter side is ``size`` and centre-cropped (PIL, bilinear), RGB or
+                                greyscale; Unreadable (saying why) if it does not decode
+    image_files(root)           every image file under a folder, recursively (links followed, each file once),
+                                sorted
     mnist_file(root), read_mnist(path)       MNIST idx (optionally gzipped) or npz
     cifar10_files(root), read_cifar10(paths) CIFAR-10's python pickle batches
     lsun_databases(root, classes), lmdb_keys(path), open_lmdb(path)   LSUN's LMDB folders (needs ``lmdb``)
@@ -32,26 +33,103 @@ class DataError(UsageError):
     """The data cannot be used as asked; the message says why and what to do."""
 
 
+class Unreadable(Exception):
+    """An image file that does not decode, or has no range to read it in; the message says why."""
+
+
+WHITE = (255, 255, 255, 255)  # what transparent pixels are composited on
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
+
+
+def to_8bit(image, nc):
+    """An 8-bit RGB (nc=3) or L (nc=1) PIL image of ``image``, any mode PIL opens, read in its real range:
+
+    - 1, L, P, RGB, CMYK, YCbCr, LAB, HSV: PIL's conversion (L -> RGB repeats the grey, RGB -> L is ITU-R 601-2).
+    - I;16, I;16L, I;16B, I;16N (16-bit PNG, TIFF): round(v * 255 / 65535), so that 8-bit levels saved as 16 bits
+      (v * 257) come back exactly and mid-grey 32768 is 128.
+    - I: 16-bit levels too (PGM/PPM with a maxval over 255 open as I, scaled by PIL to 0..65535), except a TIFF
+      that says 32 bits per sample: 32-bit integers have no range to scale from (a depth map in millimetres and
+      a 12-bit sensor's counts look alike), so such a file, or an I image with values outside 0..65535, is
+      Unreadable, saying so; convert it to 8 or 16 bits, or to floats in [0, 1].
+    - F (32-bit float TIFF): values in [0, 1] times 255, rounded; values outside it (NaN, [0, 255], [-1, 1]) are
+      Unreadable, with their range, for the same reason: guessing a scale would train on wrong images silently.
+    - with alpha (RGBA, LA, PA, RGBa, or a transparency key in P, L and RGB): composited on white, as a page
+      or a browser shows it.  torchvision's ``convert("RGB")`` drops alpha instead, which trains on whatever
+      colour the file keeps under transparent pixels (often black, sometimes leftovers of an edit)."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        if mode == "I" and _bits_per_sample(image) == 32:
+            raise Unreadable("32-bit integer pixels have no fixed range to read them in; save the images with 8 "
+                             "or 16 bits per sample, or as floats in [0, 1]")
+        levels = np.asarray(image).astype(np.int64)
+        if levels.size and (levels.min() < 0 or levels.max() > 65535):
+            raise Unreadable(f"integer pixels in [{levels.min()}, {levels.max()}], outside the 16-bit range "
+                             "0..65535; save the images with 8 or 16 bits per sample")
+        image = Image.fromarray(((levels * 255 + 32767) // 65535).astype(np.uint8))
+    elif mode == "F":
+        values = np.asarray(image)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if not (0.0 <= low and high <= 1.0):  # NaN fails both
+            raise Unreadable(f"float pixels in [{low:g}, {high:g}]; fastgan reads float images in [0, 1]: save "
+                             "them scaled to [0, 1], or as 8- or 16-bit integers")
+        image = Image.fromarray(np.rint(values * 255.0).astype(np.uint8))
+    elif mode in ALPHA_MODES or "transparency" in image.info:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, WHITE), image.convert("RGBA"))
+    return image.convert("RGB" if nc == 3 else "L")
+
+
+def _bits_per_sample(image):
+    """A TIFF's BitsPerSample (tag 258), else None."""
+    bits = getattr(image, "tag_v2", {}).get(258)
+    return bits[0] if isinstance(bits, tuple) else bits
+
+
+def _reason(exc):
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "not an image file pillow can read"
+    return " ".join(str(exc).split())[:160] or type(exc).__name__
+
+
 def fit_image(file, size, nc):
-    """uint8 (nc, size, size) from an image file, or None when it does not decode."""
+    """uint8 (nc, size, size) from an image file; Unreadable, with the reason, when it does not decode."""
     try:
         with Image.open(file) as image:
-            image = ImageOps.fit(image.convert("RGB" if nc == 3 else "L"), (size, size), Image.BILINEAR)
-    except DECODE_ERRORS:
-        return None
+            image = ImageOps.fit(to_8bit(image, nc), (size, size), Image.BILINEAR)
+    except DECODE_ERRORS as exc:
+        raise Unreadable(_reason(exc)) from None
     pixels = np.asarray(image)
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
 def image_files(root):
+    """Every image file under ``root``, sorted.  Links are followed, but each folder is walked once (a link
+    back up the tree would repeat it without end) and each file counted once, by its first path in sorted
+    order; a link that leads nowhere stays in the list (it is reported as unreadable when decoded)."""
     if not os.path.isdir(root):
         raise DataError(f"--dataroot {root} is not a directory; point it at a folder of images")
-    files = [os.path.join(folder, name) for folder, _, names in os.walk(root, followlinks=True) for name in names
-             if name.lower().endswith(IMAGE_EXTENSIONS)]
+    folders, found = set(), []
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in folders:
+            subfolders.clear()
+            continue
+        folders.add((stat.st_dev, stat.st_ino))
+        subfolders.sort()  # the walk, and so which path of a linked folder is kept, in a fixed order
+        found += [os.path.join(folder, name) for name in names if name.lower().endswith(IMAGE_EXTENSIONS)]
+    files, seen = [], set()
+    for path in sorted(found):
+        try:
+            stat = os.stat(path)
+            identity = (stat.st_dev, stat.st_ino)
+        except OSError:
+            identity = path
+        if identity not in seen:
+            seen.add(identity)
+            files.append(path)
     if not files:
         raise DataError(f"--dataroot {root} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} "
                         "in it and its subfolders)")
-    return sorted(files)
+    return files
 
 
 def _read_idx(path):

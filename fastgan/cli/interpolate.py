@@ -8,7 +8,7 @@ keeps Gaussian latents at their typical norm) or straight (--mode lerp).
 import torch
 
 from ..usage import positive_int, seed_int
-from .sample import add_common, prepare, sample_noise, save_grid
+from .sample import add_common, check_grid, prepare, sample_noise, write_samples
 
 
 def slerp(a, b, t):
@@ -32,11 +32,16 @@ def add_arguments(parser):
 
 def run(args):
     G, recipe, device = prepare(args, "interpolate", args.steps)
+    shape, nrow = (recipe.nc, recipe.image_size, recipe.image_size), args.nrow or args.steps
+    check_grid(args.out, args.steps, shape, nrow, f"--steps {args.steps}")
     kind = args.noise or recipe.noise
     a, b = (sample_noise(1, recipe.nz, kind, "cpu", torch.Generator().manual_seed(s))[0] for s in args.seeds)
     t = torch.linspace(0, 1, args.steps)
-    z = slerp(a, b, t) if args.mode == "slerp" else torch.lerp(a, b, t[:, None])
-    with torch.no_grad():
-        save_grid(G(z.to(device)), args.out, nrow=args.nrow or args.steps)
+
+    def latents(first, count):
+        part = t[first:first + count]
+        return slerp(a, b, part) if args.mode == "slerp" else torch.lerp(a, b, part[:, None])
+
+    write_samples(G, latents, args.steps, shape, args.out, nrow, device)
     print(f"wrote {args.out}: {args.steps} frames from seed {args.seeds[0]} to seed {args.seeds[1]} ({args.mode})")
     return 0

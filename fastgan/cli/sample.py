@@ -6,14 +6,16 @@ The checkpoint may come from fastgan train (any preset; netG_epoch_N.pth or chec
 examples/dcgan, from a DataParallel/DDP run (keys prefixed ``module.``), or hold the generator in a nested
 layout (``{"netG": ...}``, ``{"state_dict": ...}``, the PyTorch DCGAN tutorial's
 ``{"g_model_state_dict": ...}``; the entry used is printed); the preset and its sizes are read from the
-tensors' shapes unless --preset is given.  BatchNorm uses the statistics of the sampled batch, as the training grids do
-(--eval: the running statistics).
+tensors' shapes unless --preset is given.  BatchNorm uses the statistics of the sampled batch, as the training
+grids do (--eval: the running statistics); more than CHUNK (512) images are generated in near-equal chunks,
+each with its own statistics.  A grid that cannot be written (too large for the format, pillow or the
+memory) is refused before any image is generated.
 """
 import argparse
-import math
+import os
 
-import numpy as np
 import torch
+from PIL import Image
 
 from ..nn import presets
 from ..nn.checkpoint import describe, is_state_dict, load_checkpoint, state_dicts
@@ -23,23 +25,94 @@ from ..usage import UsageError, image_path, positive_int, seed_int, width_int
 from .common import check_backend, read_checkpoint
 
 
-def save_grid(images, path, nrow=8, padding=2):
-    """Write images (N, C, H, W) in [-1, 1] (C = 1 or 3) as one PNG, ``nrow`` to a row, black padding."""
-    from PIL import Image
+CHUNK = 512  # images generated at once: a larger --n is generated in near-equal chunks of at most this many
+FORMAT_SIDE = {"JPEG": 65500, "WEBP": 16383, "GIF": 65535}  # the longest side each format stores
+PIL_SIDES = ((2**31 - 1) // 4 - 1, 2**31 - 1)  # the widest and the tallest image pillow allocates
 
+
+def grid_shape(n, shape, nrow, padding=2):
+    """(height, width, C) of the grid of n images of ``shape`` (C, H, W), ``nrow`` to a row."""
+    c, h, w = shape
+    cols = min(nrow, n)
+    rows = -(-n // cols)
+    return rows * (h + padding) + padding, cols * (w + padding) + padding, c
+
+
+def _available_memory():
+    """Bytes of memory the machine can give (Linux's MemAvailable), or None where it does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_grid(path, n, shape, nrow, what, padding=2):
+    """UsageError, before any image is generated, when the grid of n images of ``shape`` (C, H, W) cannot be
+    written to ``path``: a side longer than its format or pillow stores, or more memory than the machine has
+    (the grid, and pillow's copy of it: 4 bytes a pixel for RGB).  ``what``: the flag that asked for n."""
+    height, width, c = grid_shape(n, shape, nrow, padding)
+    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "")
+    side = FORMAT_SIDE.get(fmt, PIL_SIDES[1])
+    widest, tallest = min(side, PIL_SIDES[0]), min(side, PIL_SIDES[1])
+    if height > tallest or width > widest:
+        fix = f"ask for fewer images, or for {'more' if height > tallest else 'fewer'} than {nrow} a row (--nrow)"
+        raise UsageError(f"{what}: a grid of {n} {shape[1]}x{shape[2]} images, {min(nrow, n)} a row, is "
+                         f"{width}x{height} pixels; pillow writes {fmt} images of at most {widest}x{tallest}: {fix}")
+    per_pixel = c + (4 if c == 3 else 1)
+    free = _available_memory()
+    if free is not None and height * width * per_pixel > free:
+        row = (shape[1] + padding) * width * per_pixel
+        most = max(0, (free - padding * width * per_pixel) // row) * min(nrow, n)
+        raise UsageError(f"{what}: a grid of {n} {shape[1]}x{shape[2]} images is {width}x{height} pixels and "
+                         f"needs {height * width * per_pixel / 2**30:.1f} GiB of memory to write; "
+                         f"{free / 2**30:.1f} GiB is available: ask for at most {most} images, and for more in "
+                         "further grids (another --seed)")
+
+
+def _chunks(n):
+    """(first, count) of near-equal chunks of at most CHUNK that cover n (each of 2 or more when n is)."""
+    k = -(-n // CHUNK)
+    size, extra = divmod(n, k)
+    first = 0
+    for i in range(k):
+        count = size + (i < extra)
+        yield first, count
+        first += count
+
+
+def _place(grid, images, first, nrow, padding=2):
+    """Draw images (N, C, H, W) in [-1, 1] into ``grid`` (uint8 (height, width, C)) from place ``first`` on."""
     images = images.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
     n, c, h, w = images.shape
-    cols = min(nrow, n)
-    rows = math.ceil(n / cols)
-    grid = torch.zeros(c, rows * (h + padding) + padding, cols * (w + padding) + padding, dtype=torch.uint8)
-    for i, image in enumerate(images):
+    cols = min(nrow, (grid.shape[1] - padding) // (w + padding))
+    for i, image in enumerate(images, first):
         top, left = padding + (i // cols) * (h + padding), padding + (i % cols) * (w + padding)
-        grid[:, top:top + h, left:left + w] = image
-    array = grid.permute(1, 2, 0).numpy()
+        grid[top:top + h, left:left + w] = image.permute(1, 2, 0)
+
+
+def _write(grid, path):
     try:
-        Image.fromarray(np.ascontiguousarray(array[..., 0] if c == 1 else array)).save(path)
+        Image.fromarray(grid.numpy()[..., 0] if grid.shape[2] == 1 else grid.numpy()).save(path)
     except OSError as exc:  # the folder went away or filled up after the checks at the start
         raise UsageError(f"cannot write {path} ({exc.strerror or exc})") from None
+
+
+def save_grid(images, path, nrow=8, padding=2):
+    """Write images (N, C, H, W) in [-1, 1] (C = 1 or 3) as one PNG, ``nrow`` to a row, black padding."""
+    grid = torch.zeros(grid_shape(len(images), images.shape[1:], nrow, padding), dtype=torch.uint8)
+    _place(grid, images, 0, nrow, padding)
+    _write(grid, path)
+
+
+def write_samples(G, latents, n, shape, path, nrow, device):
+    """Write the grid of G's images of n latents, ``latents(first, count)`` -> (count, nz) on the CPU, generated
+    in chunks (see CHUNK): BatchNorm on batch statistics then uses each chunk's.  ``shape``: (C, H, W)."""
+    grid = torch.zeros(grid_shape(n, shape, nrow), dtype=torch.uint8)
+    with torch.no_grad():
+        for first, count in _chunks(n):
+            _place(grid, G(latents(first, count).to(device)), first, nrow)
+    _write(grid, path)
 
 
 def sample_noise(n, nz, kind, device, generator=None):
@@ -127,9 +200,10 @@ def add_arguments(parser):
 
 def run(args):
     G, recipe, device = prepare(args, "sample", args.n)
+    shape = (recipe.nc, recipe.image_size, recipe.image_size)
+    check_grid(args.out, args.n, shape, args.nrow, f"--n {args.n}")
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    z = sample_noise(args.n, recipe.nz, args.noise or recipe.noise, "cpu", gen).to(device)
-    with torch.no_grad():
-        save_grid(G(z), args.out, nrow=args.nrow)
+    write_samples(G, lambda first, count: sample_noise(count, recipe.nz, args.noise or recipe.noise, "cpu", gen),
+                  args.n, shape, args.out, args.nrow, device)
     print(f"wrote {args.out}: {args.n} samples of {args.netG} ({recipe.image_size}x{recipe.image_size})")
     return 0

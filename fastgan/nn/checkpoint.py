@@ -9,6 +9,7 @@ saying so.
 """
 import logging
 import os
+import pickle
 
 import torch
 
@@ -97,14 +98,34 @@ def find_state_dict(checkpoint, model):
     return fits[0]
 
 
+def read_file(path, name=None, trusted=None, map_location="cpu"):
+    """``torch.load(path, weights_only=True)``, or a UsageError in one line, naming the file as ``name``
+    (default: its path): it is not a readable checkpoint, or it holds pickled objects other than tensors, which
+    are never unpickled (that can run any code); ``trusted`` says how to load such a file if the user trusts it.
+    ``path``: a path or a file object."""
+    name = name or str(getattr(path, "name", path))
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # zip, pickle and torch errors alike: the file is not a checkpoint
+        if isinstance(exc, pickle.UnpicklingError) and "weights only load failed" in str(exc).lower():
+            raise UsageError(f"{name} holds pickled Python objects, not just tensors (a model saved with "
+                             "torch.save(model)?), and is not loaded: unpickling can run any code; "
+                             + (trusted or "save model.state_dict() instead")) from None
+        first = (str(exc).strip().splitlines() or ["empty or cut short"])[0].split(". ")[0]  # torch's are long
+        raise UsageError(f"{name} is not a readable checkpoint ({type(exc).__name__}: {first[:200]})") from None
+
+
 def load_checkpoint(model, checkpoint, map_location="cpu", strict=True):
     """Load a checkpoint (a dict, or a path or file to one) into ``model``; returns load_state_dict's result.
 
     The checkpoint may be a state_dict or hold one in a nested layout (see the module docstring); the entry
-    used is logged on the ``fastgan`` logger (INFO).  Mismatched architectures raise UsageError listing the
+    used is logged on the ``fastgan`` logger (INFO).  A file is read with ``weights_only=True``: one that holds
+    other pickled objects raises UsageError, unread.  Mismatched architectures raise UsageError listing the
     missing, unexpected and mis-shaped keys."""
     if isinstance(checkpoint, (str, os.PathLike)) or hasattr(checkpoint, "read"):
-        checkpoint = torch.load(checkpoint, map_location=map_location, weights_only=True)
+        checkpoint = read_file(checkpoint, map_location=map_location,
+                               trusted="if you trust the file, load it yourself and pass what it holds: "
+                                       "fastgan.load_checkpoint(model, torch.load(path, weights_only=False))")
     state, key = find_state_dict(checkpoint, model)
     if key is not None:
         logger.info("fastgan.load_checkpoint: loading the checkpoint's %r entry into %s", key, type(model).__name__)

@@ -4,6 +4,8 @@
 ``batch_norm_act(z, ...)``          BatchNorm (optional) -> activation, the fused part
 ``sigmoid_bce(logits, target)``     mean BCE from logits with a constant target, fp32 result
 """
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +43,7 @@ def batch_norm_act(z, weight=None, bias=None, running_mean=None, running_var=Non
     otherwise the running stats normalise.  Returns y with z's shape, dtype and memory format.
     ``process_group``: with batch statistics, take them over every rank of the group (SyncBatchNorm);
     see fastgan.ops.sync_bn."""
+    check_float("z", z)
     if act not in ACTIVATIONS:
         raise UsageError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
     which = backends.resolve(backend, z.device)
@@ -64,8 +67,13 @@ def batch_norm_act(z, weight=None, bias=None, running_mean=None, running_var=Non
 
 
 def sigmoid_bce(logits, target, backend=None):
-    """mean(BCE(sigmoid(logits), target)) for a constant target, as a 0-dim fp32 tensor (fp64 for fp64)."""
+    """mean(BCE(sigmoid(logits), target)) for a constant target, as a 0-dim fp32 tensor (fp64 for fp64).
+    ``target``: a number, the label of every element (1.0 real, 0.0 fake, 0.9 smoothed)."""
     check_float("logits", logits)
+    if not isinstance(target, numbers.Real):
+        raise TypeError(f"target must be a number, the label of every element (e.g. 1.0 for real), got "
+                        f"{type(target).__name__}; for a target per element use "
+                        "torch.nn.functional.binary_cross_entropy_with_logits")
     which = backends.resolve(backend, logits.device)
     if which == "torch":
         logits = logits if logits.dtype == torch.float64 else logits.float()
