@@ -37,9 +37,6 @@ class Unreadable(Exception):
     """An image file that does not decode, or has no range to read it in; the message says why."""
 
 
-WHITE = (255, 255, 255, 255)  # what transparent pixels are composited on
-ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
-
 
 def to_8bit(image, nc):
     """An 8-bit RGB (nc=3) or L (nc=1) PIL image of ``image``, any mode PIL opens, read in its real range:
@@ -53,9 +50,8 @@ def to_8bit(image, nc):
       Unreadable, saying so; convert it to 8 or 16 bits, or to floats in [0, 1].
     - F (32-bit float TIFF): values in [0, 1] times 255, rounded; values outside it (NaN, [0, 255], [-1, 1]) are
       Unreadable, with their range, for the same reason: guessing a scale would train on wrong images silently.
-    - with alpha (RGBA, LA, PA, RGBa, or a transparency key in P, L and RGB): composited on white, as a page
-      or a browser shows it.  torchvision's ``convert("RGB")`` drops alpha instead, which trains on whatever
-      colour the file keeps under transparent pixels (often black, sometimes leftovers of an edit)."""
+    - with alpha (RGBA, LA, PA, RGBa, or a transparency key): alpha dropped by PIL's conversion, as
+      examples/dcgan's torchvision loader (``convert("RGB")``) does, so that both train on the same pixels."""
     mode = image.mode
     if mode.startswith("I;16") or mode == "I":
         if mode == "I" and _bits_per_sample(image) == 32:
@@ -73,8 +69,6 @@ def to_8bit(image, nc):
             raise Unreadable(f"float pixels in [{low:g}, {high:g}]; fastgan reads float images in [0, 1]: save "
                              "them scaled to [0, 1], or as 8- or 16-bit integers")
         image = Image.fromarray(np.rint(values * 255.0).astype(np.uint8))
-    elif mode in ALPHA_MODES or "transparency" in image.info:
-        image = Image.alpha_composite(Image.new("RGBA", image.size, WHITE), image.convert("RGBA"))
     return image.convert("RGB" if nc == 3 else "L")
 
 

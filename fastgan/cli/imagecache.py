@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from . import formats
 from .progress import Counter
 
-VERSION = 2  # 2: no rows for the items that fail; 16-bit, float and transparent images read in their range
+VERSION = 2  # 2: no rows for the items that fail; 16-bit and float images read in their range
 CHUNK = 64          # images per decode task
 SAVE_EVERY_S = 2.0  # how often the finished prefix is recorded
 NAMED = 3           # unreadable items named in the report (all of them are in NAME.json)
