@@ -11,6 +11,10 @@ netG_epoch_N.pth / netD_epoch_N.pth, plain state_dicts that load into the preset
 loss history, run id), at each epoch's end and at the end of the run; checkpoint.pt, the whole run state
 in one file, at each of those and every --save-every steps; loss_curve.png.
 
+On a GPU each train step runs as CUDA graphs (fastgan.nn.step.CapturedStep; --graph auto, the default) after 3
+eager warm-up steps per kind of step, its batches gathered inside the graph when the data set fits on the GPU;
+where a run cannot be captured (several processes) it says why in one line and trains eagerly.
+
 Ctrl-C or SIGTERM lets the running step finish, saves checkpoint.pt and exits (status 130 / 143); a
 second Ctrl-C abandons the save and leaves the previous checkpoint whole.  --resume DIR (or --netG/--netD
 with the train_state beside them) continues bit for bit as if the run had never stopped (on a GPU with
