@@ -6,10 +6,12 @@ One epoch per timed call; extra_info["images_per_s"] is the delivered rate at th
 ``feeder`` (the cached uint8 set and fastgan.cli.feed.Feeder's batches; ``feeder-2-threads``: two host
 threads instead of the CPU's default one), ``first-run`` (the cache built from the
 files, then an epoch of the Feeder).  Folder: CelebA-sized (178x218) JPEGs made here.  On a GPU, device-resident
-and streamed batches too, and fastgan train's loop beside the bare step on a fixed batch.  In --benchmark-disable
+and streamed batches too, and fastgan train's loop beside the bare captured step.  In --benchmark-disable
 mode (CI) every set is small and each call runs once.
 """
+import argparse
 import gzip
+import math
 import pickle
 import shutil
 
@@ -20,10 +22,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from fastgan.cli import data
-from fastgan.cli.train import Settings, Trainer
-from fastgan.nn import distributed, presets
-from fastgan.nn.layers import fuse
+from fastgan.cli import data, progress, train
+from fastgan.nn import distributed
 
 SIZE, BATCH = 64, 128
 HAS_CUDA = torch.cuda.is_available()
@@ -159,28 +159,45 @@ def test_builtin_gpu(benchmark, peer):
     _rate(benchmark, images, peer=peer)
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: fastgan train's loop against the bare step on a GPU")
-@pytest.mark.parametrize("peer", ["trainer-step-fixed-batch", "trainer-step-feeder"])
-def test_train_loop_gpu(benchmark, peer):
-    """fastgan train's hot loop (Trainer.step on the Feeder's batches, the losses kept on the device) beside the
-    same step on one fixed batch: the input pipeline's cost to a training run (the issue's goal: within 10%)."""
-    device, steps = torch.device("cuda"), 50
-    G, D, recipe = presets.build("dcgan64")
-    G, D = fuse(G).to(device), fuse(D).to(device)
-    settings = Settings(preset="dcgan64", nz=recipe.nz, ngf=recipe.ngf, ndf=recipe.ndf, nc=3, image_size=SIZE,
-                        batch_size=BATCH, loss="bce", lr=recipe.lr, beta1=recipe.betas[0], beta2=recipe.betas[1],
-                        weight_decay=0.0, label_smoothing=0.0, d_steps=1, g_steps=1, noise="normal")
-    trainer = Trainer(G, D, settings, distributed.Context(device=device))
-    feeder = data.Feeder(data.Builtin(SIZE, length=BATCH * steps).images, BATCH, device, seed=1)
-    fixed = next(iter(feeder.epoch(0)))[0]
+def _train_run(outf, steps, device, *flags):
+    """fastgan train's Run for ``steps`` batches of BATCH builtin images, built but not started (--dry-run: it
+    writes nothing)."""
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args(["--outf", str(outf), "--batchSize", str(BATCH), "--builtin-images", str(BATCH * steps),
+                              "--manualSeed", "1", "--device", str(device), "--dry-run", "--save-every", "0", *flags])
+    return train.Run(args, distributed.Context(device=device))
 
-    def run():
-        batches = (fixed for _ in range(steps)) if peer == "trainer-step-fixed-batch" else \
-            (real for real, _ in feeder.epoch(0))
-        results = [trainer.step(real) for real in batches]
+
+def _loop(run, steps):
+    """Run._epoch over one epoch from step 1 (step 0 would write real_samples.png), the values read at the end."""
+    def epoch():
+        run.step, run.batch = 1, 0
+        with progress.EpochProgress(steps, 0, 0, 1, enabled=False) as bar:
+            run._epoch(iter(run.feeder.epoch(0, in_place=run.trainer.captured is not None)), bar, math.inf)
+        run.collect(wait=True)
+        return BATCH * steps
+    return epoch
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: fastgan train's loop against the bare step on a GPU")
+@pytest.mark.parametrize("peer", ["bare-captured-step", "train-loop", "train-loop-eager"])
+def test_train_loop_gpu(benchmark, tmp_path, peer):
+    """fastgan train's loop (Run._epoch: the Feeder's resident batches gathered inside the captured step, the
+    values into the device window, read every --log-every 10 steps) beside the bare captured step replayed on
+    one resident batch: the loop's cost to a training run (the goal: within 10%).  train-loop-eager: --graph off."""
+    device, steps = torch.device("cuda"), 50
+    run = _train_run(tmp_path, steps, device, "--graph", "off" if peer == "train-loop-eager" else "on")
+    assert run.feeder.resident and (run.trainer.captured is None) == (peer == "train-loop-eager")
+    batch = run.feeder.resident_batch
+
+    def bare():
+        for _ in range(steps):
+            run.trainer.step(batch)
         torch.cuda.synchronize(device)
-        return BATCH * len(results)
+        return BATCH * steps
 
     benchmark.group = "fastgan train loop b128 64x64 cuda"
-    images = benchmark.pedantic(run, rounds=5, warmup_rounds=1)
-    _rate(benchmark, images, peer=peer, resident=feeder.resident)
+    images = benchmark.pedantic(bare if peer == "bare-captured-step" else _loop(run, steps), rounds=5,
+                                warmup_rounds=1)
+    _rate(benchmark, images, peer=peer, resident=run.feeder.resident)

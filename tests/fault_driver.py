@@ -1,4 +1,7 @@
 """Fault injection for `fastgan train` (used by tests/test_resume_faults.py): python fault_driver.py WORKDIR.
+With --gpu NAME (tests/test_train_graph.py): the captured GPU run of GPU_SCENARIOS[NAME] killed after its step-10
+checkpoint and resumed, against the uninterrupted captured run (the killed run is forked first, before CUDA is
+initialised in this process).
 
 Runs one uninterrupted reference run, then every scenario of SCENARIOS: a run into its own folder with signals
 sent to itself at chosen calls (torch.optim.Adam.step, Tensor.backward, the loader's next batch, inside
@@ -62,6 +65,18 @@ SCENARIOS = {
     "kill-inside-torch-save-train-state": ([("save", 4, KILL, "before", False)], (-9, 2)),
     "kill-after-epoch-set-before-checkpoint": ([("replace", 4, KILL, "after", False)], (-9, 4)),
     "kill-inside-torch-save-final": ([("save", 6, KILL, "before", False)], (-9, 4)),
+}
+
+
+# --gpu: 8 steps an epoch, the epoch sets at 8, 16 and 24 (4 files replaced each), checkpoint.pt at 10 (the 5th
+# replace).  Each kind of step warms up 3 times, then its graph is captured and replays until the kill; the
+# resumed run warms up and captures again.  NAME: (extra flags, triggers, (exit status, newest step)).
+GPU_ARGS = ["--device", "cuda", "--deterministic", "--graph", "on", "--batchSize", "16", "--ngf", "16", "--ndf", "16",
+            "--builtin-images", "128", "--max-steps", "24", "--save-every", "10"]
+GPU_SCENARIOS = {
+    "dcgan64-one-graph": ([], [("replace", 5, KILL, "after", False)], (-9, 10)),
+    "anime64-wgan-gp-d2-two-graphs": (["--preset", "anime64", "--loss", "wgan-gp", "--d-steps", "2"],
+                                      [("replace", 5, KILL, "after", False)], (-9, 10)),
 }
 
 
@@ -129,7 +144,7 @@ def train(outf, *extra):
         return exc.code if isinstance(exc.code, int) else 1
 
 
-def interrupted(outf, triggers):
+def interrupted(outf, triggers, extra=()):
     """The exit status of a run with these triggers (-9 when SIGKILL ended it)."""
     injector = Injector(triggers)
     if any(sig == KILL for _, _, sig, _, _ in triggers):
@@ -138,19 +153,20 @@ def interrupted(outf, triggers):
         pid = os.fork()
         if pid == 0:
             install(injector)
-            os._exit(train(outf) + 100)  # not reached when the kill works
+            os._exit(train(outf, *extra) + 100)  # not reached when the kill works
         _, status = os.waitpid(pid, 0)
         return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
     patches = install(injector)
     try:
-        return train(outf)
+        return train(outf, *extra)
     finally:
         for owner, name, original in reversed(patches):
             setattr(owner, name, original)
 
 
 def differences(a, b, path=""):
-    """Where two checkpoints differ: tensors by torch.equal (dtype and shape included), the rest by ==."""
+    """Where two checkpoints differ: tensors by torch.equal (dtype and shape included), the rest by == (NaN
+    equal to NaN)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
         return [] if same else [path]
@@ -162,7 +178,8 @@ def differences(a, b, path=""):
         if len(a) != len(b):
             return [f"{path} length {len(a)} vs {len(b)}"]
         return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
-    return [] if a == b and type(a) is type(b) else [f"{path}: {a!r} vs {b!r}"]
+    same = a == b or (isinstance(a, float) and a != a and b != b)  # NaN: the G values of a step without G updates
+    return [] if same and type(a) is type(b) else [f"{path}: {a!r} vs {b!r}"]
 
 
 def load(path):
@@ -190,21 +207,29 @@ def compare(reference, outf):
     return found
 
 
-def main(work):
+def main(work, gpu=None):
     torch.set_num_threads(1)
     tqdm.tqdm.monitor_interval = 0  # no monitor thread: the SIGKILL scenarios fork
     train_command.N_FIXED = 4  # sample grids of 4 images: encoding 64 as PNG would take most of the time
+    extra, scenarios = (), SCENARIOS
+    if gpu:
+        flags, triggers, expected = GPU_SCENARIOS[gpu]
+        extra, scenarios = (*GPU_ARGS, *flags), {gpu: (triggers, expected)}
     reference = os.path.join(work, "reference")
-    results = {"reference": train(reference), "scenarios": {}}
-    for name, (triggers, _) in SCENARIOS.items():
+    results = {"scenarios": {}}
+    if not gpu:  # on the GPU the reference runs after the fork
+        results["reference"] = train(reference)
+    for name, (triggers, _) in scenarios.items():
         outf = os.path.join(work, name)
         result = results["scenarios"][name] = {}
         start = time.perf_counter()
         try:
-            result["interrupted"] = interrupted(outf, [tuple(t) for t in triggers])
+            result["interrupted"] = interrupted(outf, [tuple(t) for t in triggers], extra)
+            if gpu:
+                results["reference"] = train(reference, *extra)
             newest = checkpoints.newest(outf)
             result["newest_step"] = None if newest is None else newest.step
-            result["resumed"] = train(outf, "--resume", outf)
+            result["resumed"] = train(outf, "--resume", outf, *extra)
             result["differences"] = compare(reference, outf)
             result["folder_problems"] = folder_problems(outf)
         except Exception:  # noqa: BLE001 - reported to the test, which fails with it
@@ -215,4 +240,4 @@ def main(work):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], gpu=sys.argv[3] if sys.argv[2:3] == ["--gpu"] else None)

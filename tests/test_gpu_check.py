@@ -88,5 +88,5 @@ def test_every_stage_command_parses(tmp_path, monkeypatch):
             assert len(seen) == 1, stage.name
         else:
             assert argv[:2] == ["-m", "pytest"], stage.name
-            files = [a for a in argv if a.startswith("tests/")]
+            files = [a for a in argv if a.startswith(("tests/", "benchmarks/"))]
             assert files and all((gpu_check.ROOT / f).is_file() for f in files), stage.name

@@ -1,13 +1,17 @@
 """GAN losses beside BCE (lsgan, hinge, wgan-gp), the gradient penalty's double backward against a reference
-penalty on the reference critic, and the CLI's train step against examples/dcgan's and a plain-torch WGAN-GP step."""
+penalty on the reference critic, the CLI's train step against examples/dcgan's and a plain-torch WGAN-GP step,
+and every recipe of fastgan.nn.step (losses, label smoothing, D:G ratios, noise) against the same recipe written
+out in plain torch on the unfused modules."""
 import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastgan.cli.train import Settings, Trainer
 from fastgan.nn import losses, presets, reference
 from fastgan.nn.layers import fuse
+from fastgan.nn.step import StepRecipe, TrainStep
 from parity import assert_close, needs_triton_here
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
@@ -163,3 +167,82 @@ def test_wgan_gp_step_matches_plain_torch(backend, monkeypatch):
     opt_g.step()
     _compare_models(G, ref_g, "G")
     _compare_models(D, ref_d, "D")
+
+
+# (preset, recipe): each loss, label smoothing, D:G 2:1 and 3:1, two G updates a round with uniform z
+RECIPES = {
+    "dcgan64-bce-smoothed": ("dcgan64", StepRecipe(label_smoothing=0.1)),
+    "mnist28-lsgan-smoothed": ("mnist28", StepRecipe(loss="lsgan", label_smoothing=0.2)),
+    "anime64-hinge-d2": ("anime64", StepRecipe(loss="hinge", d_steps=2)),
+    "anime64-wgan-gp-d3": ("anime64", StepRecipe(loss="wgan-gp", d_steps=3, gp_weight=5.0)),
+    "avatar48-bce-g2-uniform": ("avatar48", StepRecipe(g_steps=2, noise="uniform")),
+    "mlp-mnist-bce": ("mlp-mnist", StepRecipe(label_smoothing=0.1)),
+}
+
+
+def _plain_step(G, D, opt_g, opt_d, r, real, draws, g_round):
+    """The recipe in plain torch, the reference's way (D's weight gradients computed in the G update and thrown
+    away), with the z and alpha TrainStep drew (``draws``, consumed in order)."""
+    bce = torch.nn.BCEWithLogitsLoss()
+    real_out = D(real)
+    fake = G(draws.pop(0))
+    fake_out = D(fake.detach())
+    if r.loss == "bce":
+        real_target = torch.full_like(real_out, 1 - r.label_smoothing)
+        loss_d = bce(real_out, real_target) + bce(fake_out, torch.zeros_like(fake_out))
+    elif r.loss == "lsgan":
+        loss_d = 0.5 * ((real_out - (1 - r.label_smoothing)) ** 2).mean() + 0.5 * (fake_out ** 2).mean()
+    elif r.loss == "hinge":
+        loss_d = F.relu(1 - real_out).mean() + F.relu(1 + fake_out).mean()
+    else:
+        alpha = draws.pop(0).to(real.dtype)
+        loss_d = fake_out.mean() - real_out.mean() + _reference_penalty(D, real, fake.detach(), alpha, r.gp_weight)
+    opt_d.zero_grad()
+    loss_d.backward()
+    opt_d.step()
+    values = [loss_d, torch.tensor(float("nan"), dtype=real.dtype), real_out, fake_out, None]
+    for i in range(r.g_steps if g_round else 0):
+        if i:
+            fake = G(draws.pop(0))
+        out = D(fake)
+        loss_g = (bce(out, torch.ones_like(out)) if r.loss == "bce" else
+                  0.5 * ((out - 1) ** 2).mean() if r.loss == "lsgan" else -out.mean())
+        opt_g.zero_grad()
+        loss_g.backward()
+        opt_g.step()
+        values[1], values[4] = loss_g, out
+    score = (lambda o: torch.sigmoid(o).mean()) if r.loss == "bce" else (lambda o: o.mean())
+    with torch.no_grad():
+        return torch.stack([values[0], values[1], score(real_out), score(fake_out),
+                            values[1] if values[4] is None else score(values[4])])
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_matches_plain_torch(name, monkeypatch):
+    """6 steps of TrainStep (fused models, torch backend) against the recipe written out in plain torch on the
+    unfused modules, in float64: values, parameters, running stats and Adam's moments agree to rounding."""
+    preset, recipe = RECIPES[name]
+    torch.manual_seed(0)
+    ref_g, ref_d, used = presets.build(preset, nz=6, ngf=4, ndf=4)
+    ref_g, ref_d = ref_g.double(), ref_d.double()
+    G, D = fuse(copy.deepcopy(ref_g), "torch"), fuse(copy.deepcopy(ref_d), "torch")
+    adam = dict(lr=2e-3, betas=(0.5, 0.9), weight_decay=used.weight_decay)
+    opts, ref_opts = [[torch.optim.Adam(m.parameters(), **adam) for m in pair] for pair in ((G, D), (ref_g, ref_d))]
+    step = TrainStep(G, D, *opts, recipe, latent=(used.nz,), seed=3, backend="torch")
+    draws, noise, penalty = [], step.noise, losses.gradient_penalty
+    monkeypatch.setattr(step, "noise", lambda *a: draws.append(noise(*a)) or draws[-1])
+    monkeypatch.setattr(losses, "gradient_penalty", lambda *a: draws.append(a[-1]) or penalty(*a))
+    shape = (4, used.nc, used.image_size, used.image_size)
+    batches = torch.rand((6, *shape), generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    for i, real in enumerate(batches):
+        got = step(real)
+        expected = _plain_step(ref_g, ref_d, *ref_opts, recipe, real, draws, (i + 1) % recipe.d_steps == 0)
+        assert not draws, "every draw used"
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12, equal_nan=True,
+                                   msg=lambda m: f"step {i}: {m}")
+    for model, ref in ((G, ref_g), (D, ref_d)):
+        for (key, x), y in zip(_params_and_buffers(model).items(), _params_and_buffers(ref).values()):
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12, msg=lambda m: f"{key}: {m}")
+    for opt, ref_opt in zip(opts, ref_opts):
+        for state, ref_state in zip(opt.state.values(), ref_opt.state.values()):
+            torch.testing.assert_close(state["exp_avg"], ref_state["exp_avg"], rtol=1e-9, atol=1e-12)

@@ -5,6 +5,7 @@ import torch
 import fastgan
 from fastgan.nn import reference
 from fastgan.ops import backends
+from fastgan.usage import UsageError
 from parity import needs_triton_here, rel_l2
 
 
@@ -99,3 +100,25 @@ def test_d_loss_and_g_loss_match_reference_criterion():
     torch.testing.assert_close(gan.g_loss(fake), expected_g)
     smoothed = bce(d(real), torch.full((4,), 0.9)) + bce(d(fake), torch.zeros(4))
     torch.testing.assert_close(gan.d_loss(real, fake, label_smoothing=0.1), smoothed)
+
+
+@pytest.mark.parametrize("batch,fix", [
+    ((2, 3, 32, 32), "resize the images to 64x64 (examples/dcgan: transforms.Resize(64), CenterCrop(64))"),
+    ((2, 1, 64, 64), "give 3-channel images, or build the DCGAN with nc=1"),
+    ((3, 64, 64), "give a batch (N, C, H, W) of N >= 1 images"),
+    ((2, 3, 64, 64, torch.float64), "convert it with real.to(torch.float32)"),
+    ((2, 3, 64, 64, torch.uint8), "convert it with real.to(torch.float32) / 127.5 - 1, for [-1, 1]"),
+])
+def test_train_step_says_which_batch_it_takes(batch, fix):
+    """A 32x32, 1-channel, unbatched, float64 or uint8 batch: one line naming what is expected and the fix,
+    before anything trains (not a conv's or a dtype's error from deep inside)."""
+    *shape, dtype = batch if isinstance(batch[-1], torch.dtype) else (*batch, torch.float32)
+    gan = fastgan.DCGAN(ngf=4, ndf=4, backend="torch")
+    before = {k: v.clone() for k, v in gan.state_dict().items()}
+    with pytest.raises(UsageError) as info:
+        gan.train_step(torch.zeros(shape, dtype=dtype), *reference.make_optimizers(gan.generator, gan.discriminator))
+    message = str(info.value)
+    assert message.startswith("train_step: real must be a (N, 3, 64, 64) torch.float32 batch on cpu, as the DCGAN's "
+                              f"parameters, got {tuple(shape)} {dtype} on cpu; ") and "\n" not in message, message
+    assert fix in message, message
+    assert all(torch.equal(v, gan.state_dict()[k]) for k, v in before.items())

@@ -3,6 +3,8 @@
     feeder = Feeder(images, batch_size, device, seed, rank, world_size, failed={i: name}, flip=False)
     for real, failed in feeder.epoch(epoch, skip_batches):  # real: float32 (B, C, S, S) in [-1, 1] on device
         ...
+    for real, failed in feeder.epoch(epoch, skip_batches, in_place=True):  # resident: real() makes the batch
+        ...
 
 The batches are epoch_loader's (fastgan.cli.data) to the bit: a DistributedSampler shuffle from (seed, epoch)
 for this rank, incomplete batches dropped, the first ``skip_batches`` left out (a resumed epoch), x / 127.5 - 1
@@ -12,7 +14,10 @@ with probability 1/2, drawn from (seed, epoch, rank), so a resumed epoch flips t
 
 Where a batch is built:
 - resident (a GPU with room: the set takes under half its free memory): the whole uint8 set on the device; a
-  batch is an index_select and three elementwise ops there, launched with no host sync.
+  batch is an index_select and three elementwise ops there, launched with no host sync.  The index is a static
+  device tensor (ResidentBatch) that the Feeder fills from the epoch's order before each batch; ``in_place``
+  hands out the ResidentBatch itself, whose call gathers the batch: a CUDA graph that calls it reads each
+  batch from the set with no copy on the host's behalf (fastgan.nn.step.CapturedStep).
 - on the host (the CPU; a GPU with less room): ``threads`` threads gather each batch's uint8 rows (numpy, which
   releases the GIL and runs no thread pool of its own: torch's OpenMP ops ran several times slower on a busy
   machine), ``prefetch`` batches ahead.
@@ -94,6 +99,7 @@ class Feeder:
         self.threads = threads or (2 if cuda else 1)
         self.prefetch = prefetch or 2 * self.threads + 2
         self.copy_stream = torch.cuda.Stream(self.device) if cuda and not resident else None
+        self.resident_batch = ResidentBatch(self) if resident else None
         # a device tensor, not the number: CUDA divides by a Python scalar as a multiply by its reciprocal, which
         # leaves x / 127.5 - 1 one ulp off the CPU's for 111 of the 256 values
         self.half_range = torch.tensor(127.5, device=self.device)
@@ -107,9 +113,10 @@ class Feeder:
         pinned = ", pinned, copied asynchronously" if self.copy_stream is not None else ""
         return f"{size} in host memory, batches built by {self.threads} threads{pinned}, {self.prefetch} ahead"
 
-    def epoch(self, epoch, skip_batches=0):
-        """The batches of ``epoch`` from batch ``skip_batches`` on, as an iterable with a length."""
-        return _Epoch(self, epoch, skip_batches)
+    def epoch(self, epoch, skip_batches=0, in_place=False):
+        """The batches of ``epoch`` from batch ``skip_batches`` on, as an iterable with a length.  ``in_place``
+        (a resident set): each batch as the ResidentBatch, filled for it, instead of a tensor."""
+        return _Epoch(self, epoch, skip_batches, in_place)
 
     def _plan(self, epoch, skip_batches):
         rows = epoch_indices(self.n, self.batch_size, epoch, self.seed, self.rank, self.world_size)
@@ -127,15 +134,18 @@ class Feeder:
         out = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device, memory_format=self.memory_format)
         return out.copy_(pixels).div_(self.half_range).sub_(1.0)
 
-    def _resident(self, rows, flips, lost, dead):
-        rows = torch.from_numpy(rows).to(self.device, non_blocking=True)
-        flips = torch.from_numpy(flips).to(self.device, non_blocking=True) if flips is not None else None
+    def _resident(self, rows, flips, lost, dead, in_place):
+        batch = self.resident_batch
+        rows = torch.from_numpy(rows).to(self.device).unbind(0)
+        flips = torch.from_numpy(flips).to(self.device).unbind(0) if flips is not None else None
         for step in range(len(rows)):
             if step in dead:
                 yield None, lost[step]
                 continue
-            pixels = self.images.index_select(0, rows[step])
-            yield self._normalise(pixels, flips[step] if flips is not None else None), lost.get(step, [])
+            batch.index.copy_(rows[step], non_blocking=True)
+            if flips is not None:
+                batch.flips.copy_(flips[step], non_blocking=True)
+            yield (batch if in_place else batch()), lost.get(step, [])
 
     def _host_batch(self, rows, flips):
         """Runs in a thread: the batch's uint8 rows, mirrored where ``flips``; for the CPU, normalised (numpy)."""
@@ -179,9 +189,23 @@ class Feeder:
         return self._normalise(moved, None)
 
 
+class ResidentBatch:
+    """A resident set's current batch as static device tensors: ``index`` (B,) int64 and ``flips`` (B,) bool (or
+    None without flipping), which the Feeder fills before each batch.  Calling it gathers the batch from the set
+    and normalises it on the device: inside a CUDA graph, each replay reads the batch the Feeder selected."""
+
+    def __init__(self, feeder):
+        self.feeder = feeder
+        self.index = torch.zeros(feeder.batch_size, dtype=torch.int64, device=feeder.device)
+        self.flips = torch.zeros(feeder.batch_size, dtype=torch.bool, device=feeder.device) if feeder.flip else None
+
+    def __call__(self):
+        return self.feeder._normalise(self.feeder.images.index_select(0, self.index), self.flips)
+
+
 class _Epoch:
-    def __init__(self, feeder, epoch, skip_batches):
-        self.feeder, self.epoch, self.skip_batches = feeder, epoch, skip_batches
+    def __init__(self, feeder, epoch, skip_batches, in_place):
+        self.feeder, self.epoch, self.skip_batches, self.in_place = feeder, epoch, skip_batches, in_place
 
     def __len__(self):
         return max(0, self.feeder.steps_per_epoch - self.skip_batches)
@@ -189,4 +213,4 @@ class _Epoch:
     def __iter__(self):
         f = self.feeder
         plan = f._plan(self.epoch, self.skip_batches)
-        return f._resident(*plan) if f.resident else f._on_host(*plan)
+        return f._resident(*plan, self.in_place) if f.resident else f._on_host(*plan)

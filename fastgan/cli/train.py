@@ -11,6 +11,10 @@ netG_epoch_N.pth / netD_epoch_N.pth, plain state_dicts that load into the preset
 loss history, run id), at each epoch's end and at the end of the run; checkpoint.pt, the whole run state
 in one file, at each of those and every --save-every steps; loss_curve.png.
 
+On a GPU each train step runs as CUDA graphs (fastgan.nn.step.CapturedStep; --graph auto, the default) after 3
+eager warm-up steps per kind of step, its batches gathered inside the graph when the data set fits on the GPU;
+where a run cannot be captured (several processes) it says why in one line and trains eagerly.
+
 Ctrl-C or SIGTERM lets the running step finish, saves checkpoint.pt and exits (status 130 / 143); a
 second Ctrl-C abandons the save and leaves the previous checkpoint whole.  --resume DIR (or --netG/--netD
 with the train_state beside them) continues bit for bit as if the run had never stopped (on a GPU with
@@ -19,7 +23,6 @@ replaces checkpoints it did not write: not another run's, nor later ones of its 
 """
 import argparse
 import collections
-import contextlib
 import dataclasses
 import gc
 import math
@@ -34,12 +37,15 @@ import uuid
 
 import torch
 
-from ..nn import distributed, losses, presets
+from ..nn import distributed, fused_conv, presets
 from ..nn.checkpoint import CHECKPOINT, TRAIN_STATE, find_state_dict, is_train_state, load_checkpoint
 from ..nn.layers import fuse
+from ..nn.losses import LOSSES
+from ..nn.plan import LEVELS
+from ..nn.step import VALUES, CapturedStep, StepRecipe, TrainStep, capture_problem, placement_problem
 from ..ops import backends
-from ..usage import (UsageError, int_at_least_2, natural_float, natural_int, positive_float, positive_int, seed_int,
-                     unit_float, width_int, writable_folder)
+from ..usage import (UsageError, int_at_least_2, natural_float, natural_int, one_line, positive_float, positive_int,
+                     seed_int, unit_float, width_int, writable_folder)
 from . import checkpoints, data, progress
 from .common import check_backend, read_checkpoint
 from .sample import sample_noise, save_grid
@@ -47,6 +53,8 @@ from .sample import sample_noise, save_grid
 CPU_BATCH, CPU_WIDTH_DIVISOR = 16, 4  # defaults without a GPU: batch 16, a quarter of the preset's widths
 N_FIXED = 64  # images in each sample grid
 SAVE_EVERY = 1000  # default --save-every: at most this many steps are lost to a crash or SIGKILL
+GRAPH_MODES = ("auto", "on", "off")
+WINDOW_ROWS = 4096  # step values kept on the device between reads; a longer --log-every reads them in parts
 DATA_DEFAULTS = dict(dataset="builtin", dataroot=None, classes=None, builtin_images=4096,
                      builtin_seed=0)  # resuming: the run's
 
@@ -88,11 +96,17 @@ def add_arguments(parser):
       help="fused kernels: auto = on CUDA the C++/CUDA extension, else triton, else torch; torch on CPU")
     a("--amp", choices=("bf16", "fp16"), help="autocast dtype (fp32 master weights)")
     a("--channels-last", action="store_true", help="NHWC activations and weights")
+    a("--graph", choices=GRAPH_MODES, default="auto",
+      help="each train step as CUDA graphs, after 3 eager warm-up steps per kind of step: auto (default) where the "
+           "run allows it (one process on a GPU), saying why not; on: refuse a run that cannot be captured; off")
+    a("--level", choices=LEVELS, default="L1",
+      help="fusion level: L1 (default) cuDNN's convolutions, everything around them fused; L2 fastgan's Triton "
+           "convolution chains (needs --backend triton)")
     a("--deterministic", action="store_true",
       help="cuDNN's deterministic convolutions on a GPU, so that a resumed run matches an uninterrupted one bit "
            "for bit there too (fastgan's own kernels always are)")
     a("--preset", choices=presets.PRESETS, help="architecture and recipe (default: dcgan64, examples/dcgan's)")
-    a("--loss", choices=("bce", "lsgan", "wgan-gp", "hinge"), help="default: the preset's")
+    a("--loss", choices=LOSSES, help="default: the preset's")
     a("--label-smoothing", type=unit_float, help="one-sided: real target 1 - s (bce, lsgan)")
     a("--d-steps", type=positive_int, help="D updates, one batch each, per G round (default: the preset's; 5 for "
       "wgan-gp)")
@@ -184,125 +198,88 @@ def resolve_settings(args, context, saved=None):
     return s
 
 
-class Trainer:
-    """The GAN update of one batch: a D step on it, then, after every ``d_steps``-th batch, ``g_steps``
-    G steps.  With d_steps = g_steps = 1 it is examples/dcgan's step: D on real and on G(z).detach(),
-    then G through the same G(z).
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}
 
-    G and D are fused modules (DDP-wrapped when distributed).  During G steps, D's parameters are frozen
-    (their gradients would be thrown away) and D runs unwrapped, outside DDP's gradient sync."""
+
+class Trainer:
+    """A run's models, optimizers and train step: fastgan.nn.step's TrainStep with the run's recipe, as CUDA
+    graphs where ``graph`` ("auto", "on", "off") asks for them and the step can be captured
+    (fastgan.nn.step.capture_problem).  ``why_eager`` says why a step that could be captured runs eagerly
+    (None when it is captured or --graph off); "on" refuses what "auto" would run eagerly, and a capture that
+    fails at run time stops an "on" run with one line, where "auto" goes on eagerly from the same step.
+
+    G and D are fused modules (DDP-wrapped when distributed; the G update and the gradient penalty run D
+    unwrapped, its parameters frozen, outside DDP's gradient sync)."""
 
     def __init__(self, G, D, settings, context=distributed.Context(), backend="auto", amp=None, gp_weight=10.0,
-                 seed=0):
-        self.s, self.context, self.backend, self.gp_weight, self.seed = settings, context, backend, gp_weight, seed
+                 seed=0, graph="off"):
+        self.s, self.context, self.graph = settings, context, graph
         self.g_module, self.d_module = G, D
-        self.G, self.D = distributed.wrap(G, context), distributed.wrap(D, context)
-        device = context.device
+        wrapped = (distributed.wrap(G, context), distributed.wrap(D, context)) if context.distributed else None
+        cuda = context.device.type == "cuda"
+        # the run's Adam flags, kept over a resumed optimizer's: capturable only where a capture may follow
+        self.adam_flags = dict(fused=cuda or None, capturable=cuda and graph != "off" and not context.distributed)
         adam = dict(lr=settings.lr, betas=(settings.beta1, settings.beta2), weight_decay=settings.weight_decay,
-                    fused=device.type == "cuda" or None)
+                    **self.adam_flags)
         self.opt_g = torch.optim.Adam(G.parameters(), **adam)
         self.opt_d = torch.optim.Adam(D.parameters(), **adam)
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[amp]
-        self.scaler_g = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-        self.scaler_d = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-        self.batches = 0
-        self.generator = torch.Generator(device)
+        recipe = StepRecipe(loss=settings.loss, label_smoothing=settings.label_smoothing, d_steps=settings.d_steps,
+                            g_steps=settings.g_steps, gp_weight=gp_weight, noise=settings.noise, amp=AMP[amp])
+        self.train_step = TrainStep(G, D, self.opt_g, self.opt_d, recipe, latent=(settings.nz,), wrapped=wrapped,
+                                    seed=seed, rank=context.rank, backend=backend)
+        self.why_eager = None if graph == "off" else capture_problem(self.train_step)
+        if graph == "on" and self.why_eager:
+            raise UsageError(f"--graph on: {self.why_eager}; drop --graph on to train with eager steps")
+        self.captured = None
+        if graph != "off" and self.why_eager is None:
+            # unguarded: nothing the graphs bake in or read changes between a run's steps
+            self.captured = CapturedStep(self.train_step, on_failure=self.capture_failed, guard=False)
+        else:
+            self._uncapturable()
+
+    def step(self, real, noise=None):
+        """Train on one batch: a tensor, or the Feeder's resident batch that gathers itself on the device.  Returns
+        the step's (5,) values (fastgan.nn.step.VALUES); captured, in a static buffer that the next step
+        overwrites."""
+        return (self.captured or self.train_step)(real, noise)
+
+    def capture_failed(self, exc):
+        """CapturedStep's on_failure: one line; --graph on stops there, auto goes on eagerly from this step."""
+        what = one_line(f"{type(exc).__name__}: {exc}")[:300]
+        if self.graph == "on":
+            raise UsageError(f"--graph on: capturing the train step as a CUDA graph failed ({what}); --graph auto "
+                             "goes on with eager steps instead") from exc
+        if self.context.main:
+            print(f"fastgan train: --graph auto: capturing the train step as a CUDA graph failed ({what}); going on "
+                  f"with eager steps from step {self.train_step.batches}", flush=True)
+        self.captured = None
+        self._uncapturable()
+
+    def _uncapturable(self):
+        """Eager steps: Adam without its capturable mode (which warns when it steps uncaptured)."""
+        self.adam_flags["capturable"] = False
+        for opt in (self.opt_g, self.opt_d):
+            for group in opt.param_groups:
+                group["capturable"] = False
 
     def state_dict(self):
-        return dict(opt_g=self.opt_g.state_dict(), opt_d=self.opt_d.state_dict(), batches=self.batches,
-                    scaler_g=self.scaler_g.state_dict(), scaler_d=self.scaler_d.state_dict())
+        return dict(opt_g=self.opt_g.state_dict(), opt_d=self.opt_d.state_dict(), **self.train_step.state_dict())
 
     def load_state_dict(self, state):
-        """The saved optimizers and loss scalers.  The generator is not saved: every step reseeds it (a CUDA
-        generator's state would not load on the CPU, nor the other way round).  A run resumed with other
-        --amp/--channels-last flags starts fresh loss scales and keeps Adam's moments in the parameters' layout
-        (CUDA's fused Adam requires it)."""
+        """The saved optimizers, batch count and loss scalers.  The step's generator is not saved: every step
+        reseeds it.  The run's own Adam flags (fused, capturable) replace the saved run's.  A run resumed with
+        other --amp/--channels-last flags starts fresh loss scales and keeps Adam's moments in the parameters'
+        layout (CUDA's fused Adam requires it)."""
         for opt, saved in ((self.opt_g, state["opt_g"]), (self.opt_d, state["opt_d"])):
             opt.load_state_dict(saved)
             for group in opt.param_groups:
+                group.update(self.adam_flags)
                 for p in group["params"]:
                     moments = opt.state.get(p, {})
                     for key, value in moments.items():
                         if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
                             moments[key] = torch.empty_like(p).copy_(value)
-        for scaler, saved in ((self.scaler_g, state["scaler_g"]), (self.scaler_d, state["scaler_d"])):
-            if saved:  # {} from a run without fp16 loss scaling
-                scaler.load_state_dict(saved)
-        self.batches = state["batches"]
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.context.device.type, dtype=self.amp_dtype)
-
-    def noise(self, n):
-        return sample_noise(n, self.s.nz, self.s.noise, self.context.device, self.generator)
-
-    def d_loss(self, real_out, fake_out, real, fake):
-        s = self.s
-        if s.loss == "bce":
-            return losses.discriminator_loss(real_out, fake_out, s.label_smoothing, self.backend)
-        if s.loss == "lsgan":
-            return losses.lsgan_discriminator_loss(real_out, fake_out, s.label_smoothing)
-        if s.loss == "hinge":
-            return losses.hinge_discriminator_loss(real_out, fake_out)
-        alpha = torch.rand(real.shape[0], generator=self.generator, device=real.device)
-        return losses.wasserstein_discriminator_loss(real_out, fake_out) + losses.gradient_penalty(
-            self.d_module, real, fake, self.gp_weight, alpha)
-
-    def g_loss(self, fake_out):
-        if self.s.loss == "bce":
-            return losses.generator_loss(fake_out, self.backend)
-        if self.s.loss == "lsgan":
-            return losses.lsgan_generator_loss(fake_out)
-        return losses.wasserstein_generator_loss(fake_out)
-
-    def _score(self, out):
-        """D(x) as examples/dcgan prints it: the mean probability for bce, the mean raw output otherwise."""
-        return (torch.sigmoid(out.float()) if self.s.loss == "bce" else out.float()).mean().detach()
-
-    def _update(self, loss, opt, scaler):
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-
-    def step(self, real, noise=None):
-        """Train on one batch; ``noise`` (N, nz) feeds D's fake batch and the first G step (default: drawn).
-
-        Returns 0-dim tensors [loss_D, loss_G, D(x), D(G(z)) in the D step, D(G(z)) in the last G step],
-        NaN for the G entries when no G step ran.  The random draws (z, the penalty's alpha) come from
-        (seed, rank, batch number): different on every rank, and the same after a resume."""
-        self.generator.manual_seed(((self.seed * 65_537 + self.context.rank) * 1_000_003 + self.batches) % 2**63)
-        g_round = (self.batches + 1) % self.s.d_steps == 0
-        self.batches += 1
-        noise = self.noise(real.shape[0]) if noise is None else noise
-        with self.autocast():
-            real_out = self.D(real)
-            with torch.set_grad_enabled(g_round):  # G's graph is kept only when a G step will use it
-                fake = self.G(noise)
-            fake_out = self.D(fake.detach())
-            loss_d = self.d_loss(real_out, fake_out, real, fake)
-        self._update(loss_d, self.opt_d, self.scaler_d)
-        nan = torch.full((), float("nan"), device=real.device)
-        loss_g = d_g_z2 = nan
-        if g_round:
-            frozen = [p for p in self.d_module.parameters() if p.requires_grad]
-            for p in frozen:
-                p.requires_grad_(False)
-            try:
-                for i in range(self.s.g_steps):
-                    with self.autocast():
-                        if i:
-                            fake = self.G(self.noise(real.shape[0]))
-                        fake_out_g = self.d_module(fake)
-                        loss_g = self.g_loss(fake_out_g)
-                    self._update(loss_g, self.opt_g, self.scaler_g)
-            finally:
-                for p in frozen:
-                    p.requires_grad_(True)
-            loss_g, d_g_z2 = loss_g.detach().float(), self._score(fake_out_g)
-        return torch.stack([loss_d.detach().float(), loss_g, self._score(real_out), self._score(fake_out), d_g_z2])
+        self.train_step.load_state_dict(state)
 
 
 def save_loss_curve(path, history):
@@ -395,7 +372,11 @@ class Run:
         if args.sync_bn and context.distributed:
             distributed.sync_batchnorm(G)
             distributed.sync_batchnorm(D)
-        self.trainer = Trainer(G, D, self.s, context, args.backend, args.amp, self.gp_weight, seed)
+        fused_conv.set_level(G, args.level)
+        fused_conv.set_level(D, args.level)
+        self.trainer = Trainer(G, D, self.s, context, args.backend, args.amp, self.gp_weight, seed, args.graph)
+        if self.trainer.why_eager and device.type == "cuda" and context.main:
+            print(f"fastgan train: --graph auto: eager steps: {self.trainer.why_eager}", flush=True)
         # after the models are on the device, so that a set kept on the GPU fits beside them
         self.feeder = data.Feeder(self.dataset.images, self.per_rank, device, seed, context.rank, context.world_size,
                                   failed=self.dataset.failed, memory_format=fmt)
@@ -412,7 +393,10 @@ class Run:
                 torch.set_rng_state(saved["rng"]["torch"])
             if self.batch >= self.steps_per_epoch:
                 self.epoch, self.batch = self.epoch + 1, 0
-        self.pending, self.arriving, self.last = [], collections.deque(), [math.nan] * 5
+        # the values of the steps not yet sent to the host, one row a step, written without allocating
+        self.window = torch.empty(min(args.log_every, WINDOW_ROWS), len(VALUES), device=device)
+        self.rows, self.pending = self.window.unbind(0), 0
+        self.arriving, self.last = collections.deque(), [math.nan] * len(VALUES)
         self.max_steps = self.step + 1 if args.dry_run else (math.inf if args.max_steps is None else args.max_steps)
         self.saved_step = self.step if saved else None  # the step of the newest checkpoint of this run
         self.stopping = None  # the signal that asked the run to stop
@@ -517,7 +501,8 @@ class Run:
                 f"{s.image_size}x{s.image_size}x{s.nc} {a.dataset} ({len(self.dataset)} images), batch {s.batch_size}"
                 f"{f' over {c.world_size} processes' if c.distributed else ''}, loss {s.loss}, "
                 f"Adam lr {s.lr:g} betas ({s.beta1:g}, {s.beta2:g}), D:G steps {s.d_steps}:{s.g_steps}, "
-                f"device {c.device}, backend {which}, seed {self.seed}, run {self.run_id}"
+                f"device {c.device}, backend {which}{', level L2' if a.level == 'L2' else ''}"
+                f"{', CUDA-graph steps' if self.trainer.captured else ''}, seed {self.seed}, run {self.run_id}"
                 + (f"{', amp ' + a.amp if a.amp else ''}{', channels_last' if a.channels_last else ''}")
                 + (" [no GPU: smaller defaults, set --batchSize/--ngf/--ndf to change them]" if small else "")
                 + (f"; resuming {self.source.label} at epoch {self.epoch}, batch {self.batch}" if self.source else "")
@@ -624,7 +609,8 @@ class Run:
         while self.epoch < args.niter and self.step < max_steps and not self.should_stop():
             with progress.EpochProgress(self.steps_per_epoch, self.batch, self.epoch, args.niter,
                                         enabled=c.main) as bar:
-                written = self._epoch(iter(self.feeder.epoch(self.epoch, self.batch)), bar, max_steps) or written
+                batches = self.feeder.epoch(self.epoch, self.batch, in_place=self.trainer.captured is not None)
+                written = self._epoch(iter(batches), bar, max_steps) or written
             if self.batch == self.steps_per_epoch:
                 written = self.save("epoch")
                 self.epoch, self.batch = self.epoch + 1, 0
@@ -634,8 +620,10 @@ class Run:
         return written, finished
 
     def _epoch(self, batches, bar, max_steps):
+        """The steps of one epoch from where the run stands.  Each step's values go into a row of the device
+        window; they are read on the host (collect) at each progress report and before each save."""
         args, c = self.args, self.context
-        window_start, window_images, written = time.perf_counter(), 0, None
+        window_start, window_steps, written = time.perf_counter(), 0, None
         while self.batch < self.steps_per_epoch and not self.should_stop():
             real, failed = next(batches, (None, None))
             if failed is None or self.should_stop():
@@ -645,17 +633,21 @@ class Run:
                 raise UsageError("every image of a batch failed to decode; check the files under "
                                  f"--dataroot {args.dataroot}")
             if self.step == 0 and c.main and not args.dry_run:
-                save_grid(real[:N_FIXED], os.path.join(self.outf, "real_samples.png"))
-            self.pending.append(self.trainer.step(real))
+                images = real if isinstance(real, torch.Tensor) else real()  # the Feeder's resident batch
+                save_grid(images[:N_FIXED], os.path.join(self.outf, "real_samples.png"))
+            self.rows[self.pending].copy_(self.trainer.step(real))
+            self.pending += 1
             self.step, self.batch = self.step + 1, self.batch + 1
-            window_images += self.s.batch_size
+            window_steps += 1
             bar.update(1)
-            if len(self.pending) >= args.log_every or self.batch == self.steps_per_epoch or self.step >= max_steps:
+            if window_steps >= args.log_every or self.batch == self.steps_per_epoch or self.step >= max_steps:
                 last = self.collect(wait=self.step >= max_steps)
-                bar.report(last, window_images / (time.perf_counter() - window_start))
-                window_start, window_images = time.perf_counter(), 0
+                bar.report(last, window_steps * self.s.batch_size / (time.perf_counter() - window_start))
+                window_start, window_steps = time.perf_counter(), 0
                 if c.distributed:
                     self.vote_stop()
+            elif self.pending == len(self.rows):
+                self.collect(wait=False)
             if self.step >= max_steps:
                 break
             if (args.save_every and self.step % args.save_every == 0 and self.batch < self.steps_per_epoch
@@ -689,13 +681,13 @@ class Run:
         Only ``wait`` waits for the device: between checkpoints a window's losses are read when the next window
         is logged, by then long computed, so the step stream never stalls on them."""
         if self.pending:
-            rows = torch.stack(self.pending)
+            rows = self.window[:self.pending]
             host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=rows.is_cuda).copy_(rows, non_blocking=True)
             arrived = torch.cuda.Event() if rows.is_cuda else None
             if arrived is not None:
                 arrived.record(torch.cuda.current_stream(rows.device))
-            self.arriving.append((self.step - len(self.pending), host, arrived))
-            self.pending = []
+            self.arriving.append((self.step - self.pending, host, arrived))
+            self.pending = 0  # the window's rows are written again after the copy, in stream order
         while self.arriving and (wait or self.arriving[0][2] is None or self.arriving[0][2].query()):
             first, host, arrived = self.arriving.popleft()
             if arrived is not None:
@@ -747,12 +739,24 @@ def examples_dcgan_flags(args):
                              f"torchrun --nproc-per-node {args.ngpu} -m fastgan train ... (and drop --ngpu)")
 
 
+def check_graph_and_level(args, context):
+    """--graph on where the run cannot be captured, and --level L2 without the Triton backend, before any work."""
+    problem = placement_problem(context.device, context.distributed)
+    if args.graph == "on" and problem:
+        raise UsageError(f"--graph on: {problem}; drop --graph on to train with eager steps")
+    which = backends.resolve(args.backend, context.device)
+    if args.level == "L2" and which != "triton":
+        raise UsageError(f"--level L2 runs fastgan's Triton convolutions, and --backend {args.backend} is {which} "
+                         "here; add --backend triton, or drop --level L2")
+
+
 def run(args):
     examples_dcgan_flags(args)
     if args.deterministic:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     context = distributed.setup(backends.parse_device(args.device))
     check_backend(args.backend, context.device)
+    check_graph_and_level(args, context)
     try:
         train = Run(args, context)
     except KeyboardInterrupt:  # while the image cache was being built: it said where it stopped

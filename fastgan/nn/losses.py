@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from ..ops.backends import use_backend
 from ..ops.functional import sigmoid_bce
 
+LOSSES = ("bce", "lsgan", "wgan-gp", "hinge")
+
 
 def _check_pair(real_logits, fake_logits, label_smoothing):
     if not 0.0 <= label_smoothing < 1.0:
@@ -20,7 +22,8 @@ def _check_pair(real_logits, fake_logits, label_smoothing):
                          "compute both on one device")
 
 
-def _wide(t):
+def widen(t):
+    """``t`` in float32, or float64 when it is float64: the dtype the losses and the step's values take."""
     return t if t.dtype == torch.float64 else t.float()
 
 
@@ -40,30 +43,30 @@ def generator_loss(fake_logits, backend=None):
 def lsgan_discriminator_loss(real_out, fake_out, label_smoothing=0.0):
     """1/2 mean((real - (1 - label_smoothing))^2) + 1/2 mean(fake^2)."""
     _check_pair(real_out, fake_out, label_smoothing)
-    real, fake = _wide(real_out), _wide(fake_out)
+    real, fake = widen(real_out), widen(fake_out)
     return 0.5 * (real - (1.0 - label_smoothing)).square().mean() + 0.5 * fake.square().mean()
 
 
 def lsgan_generator_loss(fake_out):
     """1/2 mean((fake - 1)^2)."""
-    return 0.5 * (_wide(fake_out) - 1.0).square().mean()
+    return 0.5 * (widen(fake_out) - 1.0).square().mean()
 
 
 def hinge_discriminator_loss(real_out, fake_out):
     """mean(relu(1 - real)) + mean(relu(1 + fake))."""
     _check_pair(real_out, fake_out, 0.0)
-    return F.relu(1.0 - _wide(real_out)).mean() + F.relu(1.0 + _wide(fake_out)).mean()
+    return F.relu(1.0 - widen(real_out)).mean() + F.relu(1.0 + widen(fake_out)).mean()
 
 
 def wasserstein_discriminator_loss(real_out, fake_out):
     """mean(fake) - mean(real): the critic's loss of WGAN (add gradient_penalty for WGAN-GP)."""
     _check_pair(real_out, fake_out, 0.0)
-    return _wide(fake_out).mean() - _wide(real_out).mean()
+    return widen(fake_out).mean() - widen(real_out).mean()
 
 
 def wasserstein_generator_loss(fake_out):
     """-mean(fake): the generator loss of WGAN and of the hinge loss."""
-    return -_wide(fake_out).mean()
+    return -widen(fake_out).mean()
 
 
 def gradient_penalty(critic, real, fake, weight=10.0, alpha=None):
@@ -84,8 +87,8 @@ def gradient_penalty(critic, real, fake, weight=10.0, alpha=None):
     n = real.shape[0]
     if alpha is None:
         alpha = torch.rand(n, device=real.device)
-    alpha = alpha.to(_wide(real).dtype).view(n, *[1] * (real.dim() - 1))
-    x = torch.lerp(_wide(fake.detach()), _wide(real.detach()), alpha).requires_grad_(True)
+    alpha = alpha.to(widen(real).dtype).view(n, *[1] * (real.dim() - 1))
+    x = torch.lerp(widen(fake.detach()), widen(real.detach()), alpha).requires_grad_(True)
     with use_backend("torch"), torch.autocast(x.device.type, enabled=False):
         scores = critic(x)
         (grad,) = torch.autograd.grad(scores.sum(), x, create_graph=True)

@@ -10,7 +10,7 @@ from ..usage import UsageError
 from . import reference
 from .layers import FusedSequential
 from .losses import discriminator_loss, generator_loss
-from .step import StepResult, captured_step
+from .step import StepRecipe, StepResult, TrainStep, captured_step
 
 
 class Generator(reference.Generator):
@@ -48,7 +48,7 @@ class DCGAN(nn.Module):
     def __init__(self, nz=100, ngf=64, ndf=64, nc=3, backend="auto"):
         reference.check_sizes("DCGAN", nz=nz, ngf=ngf, ndf=ndf, nc=nc)
         super().__init__()
-        self.nz = nz
+        self.nz, self.nc = nz, nc
         self.backend = backends.check_name(backend)
         self.generator = Generator(nz, ngf, nc, backend)
         self.discriminator = Discriminator(nc, ndf, backend)
@@ -95,40 +95,54 @@ class DCGAN(nn.Module):
                 raise UsageError(f"{name} holds none of the {net}'s parameters; build it over "
                                  f"gan.{net}.parameters() (e.g. fastgan.reference.make_optimizers)")
 
+    def step_for(self, opt_g, opt_d, label_smoothing=0.0):
+        """The TrainStep of examples/dcgan's recipe (bce, one-sided ``label_smoothing``) with these optimizers,
+        made on first use and kept on the model while they stay the same (fastgan.nn.step)."""
+        step = self.__dict__.get("_train_step")
+        if step is None or step.opt_g is not opt_g or step.opt_d is not opt_d or \
+                step.recipe.label_smoothing != label_smoothing:
+            step = TrainStep(self.generator, self.discriminator, opt_g, opt_d,
+                             StepRecipe(label_smoothing=label_smoothing), latent=(self.nz, 1, 1),
+                             critic=self.discriminator.logits, backend=self.backend)
+            self.__dict__["_train_step"] = step
+        return step
+
+    def check_batch(self, real):
+        """UsageError unless ``real`` is a batch the networks take: (N, nc, 64, 64) in their dtype (any floating
+        dtype under autocast) on their device."""
+        if not isinstance(real, torch.Tensor):
+            raise TypeError(f"real must be a torch.Tensor batch of images, got {type(real).__name__}")
+        param = next(self.discriminator.parameters())
+        float_ok = real.is_floating_point()
+        dtype_ok = float_ok if torch.is_autocast_enabled(real.device.type) else real.dtype == param.dtype
+        fixes = []
+        if real.dim() != 4 or real.shape[0] < 1:
+            fixes.append("give a batch (N, C, H, W) of N >= 1 images")
+        else:
+            if tuple(real.shape[2:]) != (64, 64):
+                fixes.append("resize the images to 64x64 (examples/dcgan: transforms.Resize(64), CenterCrop(64))")
+            if real.shape[1] != self.nc:
+                fixes.append(f"give {self.nc}-channel images, or build the DCGAN with nc={real.shape[1]}")
+        if not dtype_ok:
+            fixes.append(f"convert it with real.to({param.dtype})" + ("" if float_ok else " / 127.5 - 1, for [-1, 1]"))
+        if real.device != param.device:
+            fixes.append(f"move it with real.to('{param.device}')")
+        if fixes:
+            raise UsageError(f"train_step: real must be a (N, {self.nc}, 64, 64) {param.dtype} batch on "
+                             f"{param.device}, as the DCGAN's parameters, got {tuple(real.shape)} {real.dtype} on "
+                             f"{real.device}; {'; '.join(fixes)}")
+
     def train_step(self, real, opt_g, opt_d, noise=None, label_smoothing=0.0, cuda_graph=False):
         """One step of the examples/dcgan loop: update D on real and on G(noise).detach(), then G.
 
-        ``noise`` defaults to N(0, 1) of shape (N, nz, 1, 1), drawn after D's real pass as the reference does.
-        D's weight gradients are not computed during the G update, where the reference throws them away.
-        ``cuda_graph``: run the step as one CUDA graph (fastgan.step; needs Adam(..., capturable=True));
-        on CPU it runs eagerly.  Each optimizer must hold parameters of the network it updates and none of
-        the other's (UsageError otherwise: swapped optimizers would train garbage)."""
+        ``noise`` defaults to N(0, 1) of shape (N, nz, 1, 1) in the batch's dtype.  D's weight gradients are not
+        computed during the G update, where the reference throws them away.  ``cuda_graph``: run the step as
+        one CUDA graph (fastgan.nn.step; needs Adam(..., capturable=True)); on CPU it runs eagerly.  Each
+        optimizer must hold parameters of the network it updates and none of the other's (UsageError otherwise:
+        swapped optimizers would train garbage); ``real`` must be (N, nc, 64, 64) in the parameters' dtype."""
         self.check_optimizers(opt_g, opt_d)
+        self.check_batch(real)
+        step = self.step_for(opt_g, opt_d, label_smoothing)
         if cuda_graph:
-            return captured_step(self, opt_g, opt_d, label_smoothing)(real, noise)
-        G, D = self.generator, self.discriminator
-        D.zero_grad()
-        real_logits = D.logits(real)
-        if noise is None:
-            noise = self.sample_noise(real.shape[0], real.device)
-        fake = G(noise)
-        fake_logits = D.logits(fake.detach())
-        loss_d = discriminator_loss(real_logits, fake_logits, label_smoothing, self.backend)
-        loss_d.backward()
-        opt_d.step()
-
-        G.zero_grad()
-        d_params = [p for p in D.parameters() if p.requires_grad]
-        for p in d_params:
-            p.requires_grad_(False)
-        try:
-            fake_logits_g = D.logits(fake)
-            loss_g = generator_loss(fake_logits_g, self.backend)
-            loss_g.backward()
-        finally:
-            for p in d_params:
-                p.requires_grad_(True)
-        opt_g.step()
-        with torch.no_grad():
-            return StepResult(loss_d.detach(), loss_g.detach(), torch.sigmoid(real_logits).mean(),
-                              torch.sigmoid(fake_logits).mean(), torch.sigmoid(fake_logits_g).mean())
+            return StepResult(*captured_step(step)(real, noise).clone().unbind())
+        return StepResult(*step(real, noise).unbind())

@@ -308,7 +308,7 @@ def fastgan_results(peer, inputs, device, dtype):
     opt_g, opt_d = reference.make_optimizers(gan.generator, gan.discriminator, **bench.optimizer_kwargs(device),
                                              **capturable)
     if peer.cuda_graph:
-        step = CapturedStep(gan, opt_g, opt_d, warmup=1)
+        step = CapturedStep(gan.step_for(opt_g, opt_d), warmup=1)
     else:
         def step(real, noise):
             return gan.train_step(real, opt_g, opt_d, noise=noise)

@@ -17,10 +17,11 @@ configuration pays the cold compiles (torch.compile's and fastgan's Triton kerne
     gpu-tests        160   pytest -m gpu tests, full size, every backend; the most decisive files first
     bench-g64-fp32    55   python -m fastgan bench --batch 128 --ngf 64 --ndf 64 --dtype fp32
     bench-g64-bf16    45   ... --dtype bf16 (autocast, channels_last)
-    bench-g128-fp32   35   ... --ngf 128 --ndf 128 --dtype fp32
-    bench-g128-bf16   35   ... --ngf 128 --ndf 128 --dtype bf16
+    bench-g128-fp32   30   ... --ngf 128 --ndf 128 --dtype fp32
+    bench-g128-bf16   30   ... --ngf 128 --ndf 128 --dtype bf16
     profile           25   python -m fastgan profile, b128 g64 bf16: per-category GPU time, Chrome traces
-    gpu-sanitizer     45   the compute-sanitizer tests (racecheck, memcheck)
+    train-loop        20   fastgan train's loop against the bare captured step (benchmarks/test_bench_data.py)
+    gpu-sanitizer     35   the compute-sanitizer tests (racecheck, memcheck)
     doctor             0   python -m fastgan doctor --quick --json: only on time the stages above left unused
                      ---
                      480   8 minutes, leaving one of the 9 for start-up (an editable install, if wanted)
@@ -34,10 +35,10 @@ timed steps after 5 warm-up steps.  If build-ext does not succeed, later stages 
 again: they see backend "cuda" as unavailable, and say so.
 
 Files written into DIR (at most 8, the device tool's limit): summary.md (the environment, the stage table,
-the bench and profile tables and the end of each failed stage's log), gpu-tests.xml (junit), bench.md,
-profile.md, traces.tar.gz (the profile's Chrome traces, for https://ui.perfetto.dev), doctor.json and
-logs.tar.gz (every stage's full log).  A new stage is one more Stage in STAGES; one whose standard output is
-a result names its file with ``stdout=``.
+the bench, profile and train-loop tables and the end of each failed stage's log), gpu-tests.xml (junit),
+bench.md, profile.md, traces.tar.gz (the profile's Chrome traces, for https://ui.perfetto.dev), train-loop.md
+(pytest-benchmark's table), doctor.json and logs.tar.gz (every stage's full log).  A new stage is one more
+Stage in STAGES; one whose standard output is a result names its file with ``stdout=``.
 """
 import argparse
 import dataclasses
@@ -67,7 +68,7 @@ PYTEST = ("-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", "--durations", 
 # pytest -m gpu runs these first, breadth before detail: whole models at full size on every backend and dtype,
 # 50 train steps, the fused convolutions (L2), then the op-level grid that locates a failure, CUDA graphs, the rest.
 DECISIVE_TESTS = ("test_models.py", "test_train_step.py", "test_conv_gemm.py", "test_cuda_ext.py", "test_step.py",
-                  "test_sigmoid_bce.py", "test_presets.py")
+                  "test_train_graph.py", "test_sigmoid_bce.py", "test_presets.py")
 BENCH = ("--batch", "128", "--compile-modes", "default", "--steps", "30", "--warmup", "5")
 XDIST_WORKERS = 8  # of the GPU machine's 16 cores; each worker holds a CUDA context (~0.5 GiB) on the one GPU
 
@@ -157,13 +158,16 @@ STAGES = (
                                        "--junitxml", str(c.out / "gpu-tests.xml"), *tests_in_order(ROOT)]),
     bench_stage(64, "fp32", 55),
     bench_stage(64, "bf16", 45),
-    bench_stage(128, "fp32", 35),
-    bench_stage(128, "bf16", 35),
+    bench_stage(128, "fp32", 30),
+    bench_stage(128, "bf16", 30),
     Stage("profile", 25, lambda c: [
         "-m", "fastgan", "profile", "--batch", "128", "--ngf", "64", "--ndf", "64", "--dtype", "bf16", "--steps", "3",
         "--warmup", "3", "--trace-dir", str(c.work / "traces"),
         "--markdown", str(c.out / "profile.md")], after=after_profile),
-    Stage("gpu-sanitizer", 45, lambda c: [*PYTEST, "-m", "gpu", "-k", "compute_sanitizer",
+    Stage("train-loop", 20, lambda c: ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-columns",
+                                       "min,median,max,rounds", "-k", "train_loop_gpu",
+                                       "benchmarks/test_bench_data.py"], stdout="train-loop.md"),
+    Stage("gpu-sanitizer", 35, lambda c: [*PYTEST, "-m", "gpu", "-k", "compute_sanitizer",
                                           "--junitxml", str(c.logs / "gpu-sanitizer.xml"), "tests/test_cuda_ext.py"]),
     Stage("doctor", 0, lambda c: ["-m", "fastgan", "doctor", "--quick", "--json", str(c.out / "doctor.json")]),
 )
@@ -273,7 +277,7 @@ def summary(check, machine, results, started):
     parts = [f"# fastgan GPU check, {stamp}, {time.monotonic() - started:.0f} s\n",
              "\n".join(f"- {line}" for line in machine) + "\n"]
     parts.append(stage_table(results))
-    for name in ("bench.md", "profile.md"):
+    for name in ("bench.md", "profile.md", "train-loop.md"):
         if (check.out / name).exists():
             parts.append(f"## {name}\n{(check.out / name).read_text()}")
     for stage, r in results:
