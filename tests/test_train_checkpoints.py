@@ -171,6 +171,19 @@ def test_resuming_with_other_precision_flags_says_so_and_keeps_adams_moments_in_
     assert all(m.is_contiguous(memory_format=torch.channels_last) for m in moments if m.dim() == 4)
 
 
+def test_a_resumed_run_trains_with_the_learning_rate_it_is_given(tmp_path, capsys):
+    """--resume with --lr: Adam takes the new rate (the saved optimizer's used to replace it, while the header
+    and the saved settings said the new one); without it, the run's own."""
+    assert _train("--outf", str(tmp_path), "--max-steps", "2") == 0
+    assert _train("--resume", str(tmp_path), "--max-steps", "3", "--lr", "0.1", "--beta1", "0.2") == 0
+    saved = torch.load(tmp_path / "checkpoint.pt")
+    for name in ("opt_g", "opt_d"):
+        (group,) = saved["trainer"][name]["param_groups"]
+        assert group["lr"] == saved["settings"]["lr"] == 0.1 and group["betas"] == (0.2, 0.999)
+    assert _train("--resume", str(tmp_path), "--max-steps", "4") == 0
+    assert torch.load(tmp_path / "checkpoint.pt")["trainer"]["opt_g"]["param_groups"][0]["lr"] == 0.1
+
+
 def test_checkpoints_hold_host_tensors_and_the_state_dicts_versions():
     state = torch.nn.BatchNorm2d(3).state_dict()
     state["nested"] = [torch.ones(2, requires_grad=True), (torch.zeros(1),)]
