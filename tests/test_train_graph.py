@@ -120,6 +120,26 @@ def test_a_captured_run_resumed_is_the_uninterrupted_run(tmp_path, captured_on_c
     _same_files(tmp_path / "whole", tmp_path / "parts")
 
 
+def test_a_captured_run_that_goes_non_finite_stops_without_saving(tmp_path, captured_on_cpu, capsys):
+    """A D weight turned NaN in place (the storage the graphs read) before step 6: the replayed step's values,
+    read at the next window, stop the run (exit status 3) and the checkpoints stay as they were."""
+    fake_capture_everywhere(captured_on_cpu)
+    step, before = train.Trainer.step, {}
+
+    def poisoning(self, *args):
+        if self.train_step.batches == 5:
+            assert self.captured is not None
+            before.update({p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.suffix != ".lock"})
+            next(self.d_module.parameters()).data[0, 0, 0, 0] = float("nan")
+        return step(self, *args)
+
+    captured_on_cpu.setattr(train.Trainer, "step", poisoning)
+    assert _train(tmp_path / "run", "--max-steps", "12", "--save-every", "2") == 3
+    assert before and {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    assert "fastgan train: error: the losses of step 6 are not finite (Loss_D nan, Loss_G nan): stopped at step 6 " \
+           "without saving" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- resident batches
 
 @pytest.mark.parametrize("flip", [False, True])

@@ -171,3 +171,25 @@ def test_a_run_that_fails_to_start_releases_the_lock(tmp_path):
     """The lock is taken before the data is read: a run refused after it leaves no lock (nor an empty folder)."""
     message = _error(["train", "--outf", str(tmp_path / "out"), *TINY, "--batchSize", "64"])
     assert "fewer than one batch of 64" in message and not (tmp_path / "out").exists()
+
+
+def test_a_forked_child_does_not_keep_the_lock(tmp_path):
+    """The image cache's decode workers are forked: one that outlives a killed run must not hold its folder."""
+    held = FolderLock.take(str(tmp_path), "aaaa")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the run's lock fd is closed here; wait until the parent has let go
+        os.close(write)
+        os.read(read, 1)
+        held.release()  # a child never removes the parent's lock file
+        os._exit(0)
+    os.close(read)
+    try:
+        lock._held.discard(held.fd)
+        os.close(held.fd)  # the parent "dies": its descriptor closes, the child's copy was closed at the fork
+        held.fd = None
+        FolderLock.take(str(tmp_path), "bbbb").release()
+    finally:
+        os.write(write, b"x")
+        os.close(write)
+        os.waitpid(pid, 0)

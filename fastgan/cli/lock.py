@@ -10,6 +10,8 @@ kernel drops it however the process ends, SIGKILL included.  The file names the 
 start time) for the refusal.  A run that ends removes it; a file found unlocked was left by a run that died,
 and is taken over with a line that says so.  A run that finds the lock held tries again for RETRY_SECONDS
 before it refuses: a --dry-run's check holds a shared lock for a moment and must not turn a real run away.
+A forked child (the image cache's decode workers) closes its copy of the lock's file, so that the lock goes
+with the run even when the run is killed and an orphaned child lives on.
 """
 import fcntl
 import json
@@ -22,6 +24,16 @@ from ..usage import UsageError
 
 LOCK_FILE = ".fastgan-train.lock"
 RETRY_SECONDS, RETRY_WAIT = 0.5, 0.05
+_held = set()  # the file descriptors of the locks this process holds
+
+
+def _close_in_child():
+    for fd in _held:
+        os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 class FolderLock:
@@ -29,6 +41,8 @@ class FolderLock:
 
     def __init__(self, folder, fd, created):
         self.folder, self.path, self.fd, self.created = folder, os.path.join(folder, LOCK_FILE), fd, created
+        self.pid = os.getpid()
+        _held.add(fd)
 
     @classmethod
     def take(cls, folder, run_id):
@@ -89,8 +103,9 @@ class FolderLock:
 
     def release(self):
         """Remove the lock file, then unlock; the folder goes too when the lock made it and nothing else is in it."""
-        if self.fd is None:
+        if self.fd is None or os.getpid() != self.pid:  # a forked child holds no lock (see the module)
             return
+        _held.discard(self.fd)
         try:
             os.remove(self.path)
             if self.created:

@@ -126,7 +126,9 @@ def add_arguments(parser):
     a("--log-every", type=positive_int, default=10,
       help="batches between progress updates (a line each when stdout is not a terminal); the only reads of "
            "the losses from the GPU")
-    a("--dry-run", action="store_true", help="train one step to check that the setup works, and write nothing")
+    a("--dry-run", action="store_true",
+      help="train one step to check that the setup works, and write nothing (refused where the real run would be: "
+           "--outf in use, or holding checkpoints in the way)")
     a("--on-nan", type=on_nan, default="stop", metavar="stop",
       help="when a step's losses are not finite: stop without saving, keeping the last good checkpoint (exit "
            "status 3; the only choice: see docs/design.md)")
