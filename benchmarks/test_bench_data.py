@@ -43,15 +43,15 @@ def _rate(benchmark, images, **extra):
 
 def _epoch(batches, device=None):
     n = 0
-    for real, _ in batches:
-        n += len(real)
+    for real in batches:
+        n += len(real[0] if isinstance(real, tuple) else real)  # epoch_loader's: (images, failed)
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
     return n
 
 
 def _feeder_epoch(dataset, device="cpu", **kwargs):
-    feeder = data.Feeder(dataset.images, BATCH, device, seed=1, failed=dataset.failed, **kwargs)
+    feeder = data.Feeder(dataset.images, BATCH, device, seed=1, **kwargs)
     return lambda: _epoch(feeder.epoch(0), feeder.device)
 
 

@@ -15,6 +15,7 @@ import traceback
 
 TINY = ["--batchSize", "4", "--ngf", "4", "--ndf", "4", "--builtin-images", "16", "--manualSeed", "1",
         "--device", "cpu", "--max-steps", "1", "--outf", "{new}"]
+NO_DEVICE = TINY[:10] + TINY[12:]  # TINY without --device cpu
 NO_INTERPRETER = {"TRITON_INTERPRET": "0"}  # Triton cannot run CPU tensors: as on a machine without a GPU
 CACHE = {"FASTGAN_CACHE_DIR": "{scratch}/cache"}  # the image caches of the folder probes
 
@@ -73,6 +74,12 @@ PROBES = [
     ("train --dataset lsun10", train("--dataset", "lsun10"), {}, ("error", "argument --dataset: invalid choice")),
     ("train --dry-run", train("--dry-run"), {}, ("ok", "nothing written")),
     ("train --mps", train("--mps"), {}, ("error", "not on Apple's MPS")),
+    ("train --accel", ["train", *NO_DEVICE, "--accel"], {}, ("ok", "done: 1 steps")),
+    ("train --accel --device cpu", train("--accel"), {}, ("error", "--accel and --device cpu disagree; drop one")),
+    ("train --on-nan stop", train("--on-nan", "stop"), {}, ("ok", "done: 1 steps")),
+    ("train --on-nan skip", train("--on-nan", "skip"), {},
+     ("error", "argument --on-nan: skip is not offered: dropping a non-finite step's update would mean copying")),
+    ("train --on-nan ignore", train("--on-nan", "ignore"), {}, ("error", "argument --on-nan: expected stop, got")),
     ("train --ngpu 2", train("--ngpu", "2"), {}, ("error", "torchrun --nproc-per-node 2")),
     ("train --cuda --device cpu", train("--cuda"), {}, ("error", "--cuda and --device cpu disagree")),
     ("train --cuda --device bogus", train("--cuda", "--device", "bogus"), {},
@@ -128,6 +135,16 @@ PROBES = [
      ("ok", "nothing to do: the run is at step 6")),
     ("train fresh run into another run's folder", train(outf="{run}"), {},
      ("error", "holds checkpoints this run would replace")),
+    ("train into a folder a running run writes into", train(outf="{busy}"), {},
+     ("error", "{busy} is in use by run busy00000000 (PID")),
+    ("train --resume of a folder a running run writes into", ["train", "--resume", "{busy}", "--max-steps", "7"], {},
+     ("error", "{busy} is in use by run busy00000000 (PID")),
+    ("train --dry-run into a folder a running run writes into", train("--dry-run", outf="{busy}"), {},
+     ("error", "{busy} is in use by run busy00000000 (PID")),
+    ("train --dry-run into another run's folder", train("--dry-run", outf="{run}"), {},
+     ("error", "holds checkpoints this run would replace")),
+    ("train into a folder with a foreign checkpoint.pt", train(outf="{foreign}"), {},
+     ("error", "checkpoint.pt (not a fastgan checkpoint); write into another folder with --outf DIR, or pass --force")),
     ("train resume an older epoch over later ones", ["train", "--resume", "{run}/train_state_epoch_0.pt",
                                                       "--max-steps", "5"], {},
      ("error", "this run, later: step 6")),
@@ -136,6 +153,12 @@ PROBES = [
     ("train --resume, damaged checkpoint.pt and no epoch set", ["train", "--resume", "{damaged_alone}"], {},
      ("error", "holds no whole epoch set (train_state_epoch_N.pt with its netG/netD files) to fall back to; start a "
                "new run with --outf DIR")),
+    ("train --resume a damaged checkpoint.pt file", ["train", "--resume", "{damaged_file}/checkpoint.pt"], {},
+     ("error", "is not a readable checkpoint (RuntimeError: PytorchStreamReader failed reading zip archive: failed "
+               "finding central directory); --resume {damaged_file} continues from the newest whole checkpoint")),
+    ("train --resume a damaged checkpoint.pt file, no epoch set", ["train", "--resume",
+                                                                   "{damaged_alone}/checkpoint.pt"], {},
+     ("error", "holds no other whole checkpoint to continue; start a new run with --outf DIR")),
     ("train folder of 16-bit, float and transparent images", train("--dataset", "folder", "--dataroot", "{decode}",
                                                                    "--batchSize", "2"), CACHE,
      ("ok", "folder (3 images)")),
@@ -290,7 +313,7 @@ def make_fixtures(root):
         torch.save(obj, paths[name])
     torch.save({"main.0.weight": torch.ones(1), "hook": _Planted(os.path.join(root, "ran"))}, paths["planted"])
     _image_folders(root, paths)
-    for name in ("damaged", "damaged_alone"):  # copies of a run whose checkpoint.pt is cut short
+    for name in ("damaged", "damaged_alone", "damaged_file"):  # copies of a run whose checkpoint.pt is cut short
         paths[name] = os.path.join(root, name)
         shutil.copytree(paths["run"], paths[name])
         with open(os.path.join(paths[name], "checkpoint.pt"), "r+b") as f:
@@ -303,7 +326,32 @@ def make_fixtures(root):
         with open(paths[name], "w") as f:
             f.write(content)
     paths["missing"] = os.path.join(root, "missing.pth")
+    paths["foreign"] = os.path.join(root, "foreign")
+    os.makedirs(paths["foreign"])
+    torch.save({"model": G.state_dict()}, os.path.join(paths["foreign"], "checkpoint.pt"))
+    paths["busy"] = os.path.join(root, "busy")
+    shutil.copytree(paths["run"], paths["busy"])
+    hold_busy(paths)
     return paths
+
+
+BUSY_LOCK = ".fastgan-train.lock"  # fastgan.cli.lock.LOCK_FILE, spelt out: an older fastgan has no lock to import
+_held = {}
+
+
+def hold_busy(paths):
+    """Lock {busy} as a running `fastgan train` would (flock on its lock file, which names the run), for as long as
+    this process lives: the probes into it meet a run that is writing there."""
+    import fcntl
+    import json
+
+    if paths["busy"] not in _held:
+        f = open(os.path.join(paths["busy"], BUSY_LOCK), "w")
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.write(json.dumps(dict(pid=os.getpid(), run_id="busy00000000", host=__import__("socket").gethostname(),
+                                started="now")) + "\n")
+        f.flush()
+        _held[paths["busy"]] = f
 
 
 class _Planted:
@@ -417,6 +465,7 @@ if __name__ == "__main__":  # the tally: python cli_probes.py FIXTURES_DIR (with
         paths = make_fixtures(root)
         with open(saved, "w") as f:
             json.dump(paths, f)
+    hold_busy(paths)
     signal.signal(signal.SIGALRM, _too_long)
     tally = {}
     for name, argv, env, (kind, text) in PROBES:

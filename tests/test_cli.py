@@ -143,6 +143,74 @@ def test_resume_past_a_damaged_checkpoint_pt(tmp_path, capsys):
            f"new run with --outf DIR (or --force to replace {run}/checkpoint.pt)" in message
 
 
+def test_resume_a_damaged_checkpoint_file_names_the_way_out(tmp_path):
+    """--resume run/checkpoint.pt, damaged: --resume run falls back to the epoch set, so that is the way out (not
+    --netG/--netD); with no epoch set left, a new run is."""
+    run = tmp_path / "run"
+    assert _train(run, "--max-steps", "4") == 0
+    whole = (run / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt").write_bytes(whole[:len(whole) // 2])
+    message = _error(["train", "--resume", str(run / "checkpoint.pt")])
+    assert message.startswith(f"fastgan train: error: --resume {run}/checkpoint.pt is not a readable checkpoint (")
+    assert message.endswith(f"; --resume {run} continues from the newest whole checkpoint there (the epoch sets "
+                            "included)") and "--netG" not in message
+    for path in run.glob("*_epoch_*.p*"):
+        path.unlink()
+    assert _error(["train", "--resume", str(run / "checkpoint.pt")]).endswith(
+        f"and {run} holds no other whole checkpoint to continue; start a new run with --outf DIR")
+
+
+def test_a_foreign_checkpoint_pt_is_not_met_with_resume(tmp_path):
+    """A checkpoint.pt that is not fastgan's: the ways out are another folder or --force, not --resume (which would
+    find nothing to continue)."""
+    torch.save({"model": torch.zeros(2)}, tmp_path / "checkpoint.pt")
+    message = _error(["train", "--outf", str(tmp_path), *TINY, "--max-steps", "1"])
+    assert message == (f"fastgan train: error: --outf {tmp_path} holds checkpoints this run would replace: "
+                       f"{tmp_path}/checkpoint.pt (not a fastgan checkpoint); write into another folder with --outf "
+                       "DIR, or pass --force to replace them")
+
+
+def test_a_checkpoint_of_before_the_cache_reported_unreadable_files_resumes(tmp_path):
+    """Checkpoints used to carry the files that failed to decode ("failed"); they resume, and new ones do not."""
+    assert _train(tmp_path, "--max-steps", "2") == 0
+    state = torch.load(tmp_path / "checkpoint.pt")
+    torch.save(dict(state, failed=[3, 5]), tmp_path / "checkpoint.pt")
+    assert cli.main(["train", "--resume", str(tmp_path), "--max-steps", "3"]) == 0
+    assert "failed" not in torch.load(tmp_path / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("accelerator,device,said", [
+    (None, "cpu", "fastgan train: --accel: there is no accelerator here; training on the CPU"),
+    ("mps", "cpu", "fastgan train: --accel: fastgan's kernels run on CUDA GPUs, not on this mps accelerator; "
+                   "training on the CPU"),
+    ("xpu", "cpu", "not on this xpu accelerator; training on the CPU"),
+    ("cuda", "cuda", None),
+])
+def test_accel_is_examples_dcgans(monkeypatch, capsys, accelerator, device, said):
+    """--accel: the accelerator if there is one, else the CPU; one fastgan's kernels do not run on gives the CPU,
+    with a line that says so."""
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: accelerator is not None)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator",
+                        lambda *a: torch.device(accelerator) if accelerator else None)
+    parser = cli.Parser()
+    train.add_arguments(parser)
+    args = parser.parse_args(["--accel"])
+    train.examples_dcgan_flags(args)
+    assert args.device == device
+    out = capsys.readouterr().out
+    assert (said in out) if said else out == ""
+    with pytest.raises(cli.UsageError, match="--accel and --device cpu disagree; drop one of them"):
+        train.examples_dcgan_flags(parser.parse_args(["--accel", "--device", "cpu"]))
+
+
+def test_accel_trains(tmp_path, capsys):
+    assert cli.main(["train", "--accel", "--outf", str(tmp_path), *TINY[:-2], "--max-steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "done: 1 steps" in out
+    if not torch.accelerator.is_available():
+        assert "--accel: there is no accelerator here; training on the CPU" in out and "device cpu" in out
+
+
 def test_sample_in_chunks(tmp_path, monkeypatch):
     """More than CHUNK images are generated in near-equal chunks: with --eval the grid is the same."""
     _train(tmp_path, "--max-steps", "1")

@@ -29,49 +29,40 @@ def _folder(root, n=11, broken=True):
 
 
 def _batches(iterable):
-    return [(None if x is None else x.clone(), list(failed)) for x, failed in iterable]
+    """A Feeder epoch's batches, kept (a resident batch is overwritten by the next one)."""
+    return [x.clone() for x in iterable]
+
+
+def _loader_batches(loader):
+    """epoch_loader's batches of a set whose every item decodes."""
+    batches = []
+    for x, failed in loader:
+        assert failed == [] and x is not None
+        batches.append(x.clone())
+    return batches
 
 
 def _assert_same(got, expected):
     assert len(got) == len(expected) > 0
-    for (x, failed), (y, failed_ref) in zip(got, expected):
-        assert failed == failed_ref
-        assert (x is None) == (y is None)
-        if x is not None:
-            assert x.dtype == torch.float32 and torch.equal(x, y)
+    for x, y in zip(got, expected):
+        assert x.dtype == torch.float32 and torch.equal(x, y)
 
 
 PLANS = [dict(epoch=0, seed=1), dict(epoch=3, seed=7, skip_batches=1),
          dict(epoch=1, seed=2, rank=1, world_size=2), dict(epoch=2, seed=5, rank=2, world_size=3)]
 
 
-def _compare(dataset, reference, batch_size, images=None, failed=(), **feeder_args):
-    """Feeder batches of ``dataset`` == epoch_loader batches of ``reference`` for every plan of PLANS; returns
-    epoch_loader's batches."""
-    every = []
+def _compare(dataset, reference, batch_size, images=None, **feeder_args):
+    """Feeder batches of ``dataset`` == epoch_loader batches of ``reference`` for every plan of PLANS."""
     for plan in PLANS:
         plan = dict(plan)
         epoch, skip = plan.pop("epoch"), plan.pop("skip_batches", 0)
-        feeder = data.Feeder(dataset.images if images is None else images, batch_size, "cpu", failed=failed,
-                             **plan, **feeder_args)
+        feeder = data.Feeder(dataset.images if images is None else images, batch_size, "cpu", **plan,
+                             **feeder_args)
         got = _batches(feeder.epoch(epoch, skip))
-        expected = _batches(data.epoch_loader(reference, batch_size, epoch, skip_batches=skip, **plan))
-        _assert_same(got, expected)
+        _assert_same(got, _loader_batches(data.epoch_loader(reference, batch_size, epoch, skip_batches=skip,
+                                                            **plan)))
         assert len(feeder.epoch(epoch, skip)) == len(got)
-        every += expected
-    return every
-
-
-def _decoded(folder):
-    """Folder's images decoded one by one: (uint8 (N, C, S, S), zeros where a file fails; {index: file})."""
-    images = torch.zeros(len(folder), folder.nc, folder.size, folder.size, dtype=torch.uint8)
-    failed = {}
-    for i, path in enumerate(folder.files):
-        try:
-            images[i] = torch.from_numpy(formats.fit_image(path, folder.size, folder.nc).copy())
-        except formats.Unreadable:
-            failed[i] = path
-    return images, failed
 
 
 @pytest.mark.parametrize("nc", [3, 1])
@@ -84,27 +75,29 @@ def test_folder_feeder_equals_todays_loader(tmp_path, nc, capfd):
     reference = data.Folder(str(root), 16, nc)
     assert reference[reference.files.index(str(root / "b" / "broken.jpg"))][0] is None
     reference.files.remove(str(root / "b" / "broken.jpg"))
-    assert len(dataset) == len(reference) == 11 and dataset.images.shape == (11, nc, 16, 16) and not dataset.failed
+    assert len(dataset) == len(reference) == 11 and dataset.images.shape == (11, nc, 16, 16)
     for i in range(len(reference)):
         assert torch.equal(dataset[i][0], reference[i][0])
     _compare(dataset, reference, 3)
     _compare(dataset, reference, 3, resident=True)  # the device path's torch ops, on the CPU
 
 
-def test_feeder_fills_failed_places_as_collate_does(tmp_path):
-    """Items that failed (Folder's, decoding on access) are left out of the Feeder's batches as collate leaves
-    them out, a batch without a good image included."""
+def test_epoch_loader_fills_failed_places_with_the_batchs_good_images(tmp_path):
+    """Folder decodes on access: collate gives a failed item's place to a repeat of the batch's good images and
+    names it; a batch without a good image comes as (None, failed)."""
     root = tmp_path / "images"
     _folder(root, n=1, broken=False)
     for i in range(5):
         (root / f"broken{i}.png").write_bytes(b"\x89PNG nothing")
     folder = data.Folder(str(root), 8)
-    images, failed = _decoded(folder)
-    assert len(failed) == 5
-    dataset = data.Images(images, failed)
-    _compare(dataset, folder, 2, failed=failed, resident=True)
-    batches = _compare(dataset, folder, 2, failed=failed)
-    assert any(x is None for x, _ in batches) and any(x is not None and failed for x, failed in batches)
+    good = [i for i in range(len(folder)) if folder[i][0] is not None]
+    assert len(good) == 1
+    batches = list(data.epoch_loader(folder, 2, epoch=0, seed=1))
+    assert len(batches) == 3 and any(x is None for x, _ in batches)
+    for x, failed in batches:
+        assert good[0] not in failed and (x is None) == (len(failed) == 2)
+        if x is not None:
+            assert all(torch.equal(row, folder[good[0]][0]) for row in x)
 
 
 def test_a_folder_that_does_not_decode_is_one_line(tmp_path):
@@ -130,7 +123,7 @@ def test_feeder_epochs_are_shuffles_and_resume_exactly():
     assert len(whole) == 10
     _assert_same(_batches(feeder.epoch(2, skip_batches=6)), whole[6:])
     other = _batches(feeder.epoch(3))
-    assert not all(torch.equal(x, y) for (x, _), (y, _) in zip(whole, other))
+    assert not all(torch.equal(x, y) for x, y in zip(whole, other))
 
 
 def test_flip_mirrors_half_the_images_the_same_way_every_time():
@@ -140,7 +133,7 @@ def test_flip_mirrors_half_the_images_the_same_way_every_time():
     again = _batches(data.Feeder(images, 8, "cpu", seed=3, flip=True, resident=True).epoch(1))
     _assert_same(again, flipped)
     mirrored = 0
-    for (x, _), (y, _) in zip(plain, flipped):
+    for x, y in zip(plain, flipped):
         same = (x == y).flatten(1).all(1)
         mirror = (x.flip(3) == y).flatten(1).all(1)
         assert bool((same | mirror).all())
@@ -150,8 +143,8 @@ def test_flip_mirrors_half_the_images_the_same_way_every_time():
 
 def test_channels_last_batches():
     images = data.Builtin(8, length=16).images
-    x, _ = next(iter(data.Feeder(images, 4, "cpu", seed=0, memory_format=torch.channels_last).epoch(0)))
-    y, _ = next(iter(data.Feeder(images, 4, "cpu", seed=0).epoch(0)))
+    x = next(iter(data.Feeder(images, 4, "cpu", seed=0, memory_format=torch.channels_last).epoch(0)))
+    y = next(iter(data.Feeder(images, 4, "cpu", seed=0).epoch(0)))
     assert x.is_contiguous(memory_format=torch.channels_last) and torch.equal(x, y)
 
 
@@ -482,9 +475,8 @@ def test_an_unwritable_cache_folder_is_one_line(tmp_path):
 @pytest.mark.parametrize("resident", [True, False])
 def test_gpu_batches_equal_the_cpus(resident):
     images = data.Builtin(16, length=300, seed=2).images
-    failed = {5: "five", 17: "seventeen"}
-    cpu = _batches(data.Feeder(images, 32, "cpu", seed=4, failed=failed, flip=True).epoch(1, 2))
-    gpu = data.Feeder(images, 32, "cuda", seed=4, failed=failed, flip=True, resident=resident)
+    cpu = _batches(data.Feeder(images, 32, "cpu", seed=4, flip=True).epoch(1, 2))
+    gpu = data.Feeder(images, 32, "cuda", seed=4, flip=True, resident=resident)
     assert gpu.resident == resident
-    got = [(x.cpu(), f) for x, f in _batches(gpu.epoch(1, 2))]
+    got = [x.cpu() for x in _batches(gpu.epoch(1, 2))]
     _assert_same(got, cpu)

@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-from cli_probes import PROBES, make_fixtures, run_probe
+from cli_probes import BUSY_LOCK, PROBES, make_fixtures, run_probe
 from fastgan import cli
+from fastgan.cli import lock
 from parity import python_env
 
 
@@ -17,6 +18,7 @@ def paths(tmp_path_factory):
 
 def test_there_are_enough_probes():
     assert len(PROBES) >= 60 and len({name for name, *_ in PROBES}) == len(PROBES)
+    assert BUSY_LOCK == lock.LOCK_FILE  # the probes' running run locks the file fastgan train looks at
 
 
 @pytest.mark.parametrize("probe", PROBES, ids=[probe[0] for probe in PROBES])

@@ -2,7 +2,9 @@
 out), saves every --save-every steps, says in one line when a save fails, and resumes older train_state files;
 the PyTorch DCGAN tutorial's checkpoints sample and interpolate."""
 import hashlib
+import math
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -10,7 +12,8 @@ import torch
 from PIL import Image
 
 from fastgan import cli
-from fastgan.cli import checkpoints
+from fastgan.cli import checkpoints, data, train
+from fastgan.cli.lock import LOCK_FILE
 from fastgan.cli.sample import save_grid
 from fastgan.nn import reference
 
@@ -26,8 +29,9 @@ def _train(*argv):
 
 
 def _digests(folder):
+    """Every file a run wrote (not its lock, which goes with it)."""
     return {name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
-            for name in sorted(os.listdir(folder))}
+            for name in sorted(os.listdir(folder)) if name != LOCK_FILE}
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +171,19 @@ def test_resuming_with_other_precision_flags_says_so_and_keeps_adams_moments_in_
     assert all(m.is_contiguous(memory_format=torch.channels_last) for m in moments if m.dim() == 4)
 
 
+def test_a_resumed_run_trains_with_the_learning_rate_it_is_given(tmp_path, capsys):
+    """--resume with --lr: Adam takes the new rate (the saved optimizer's used to replace it, while the header
+    and the saved settings said the new one); without it, the run's own."""
+    assert _train("--outf", str(tmp_path), "--max-steps", "2") == 0
+    assert _train("--resume", str(tmp_path), "--max-steps", "3", "--lr", "0.1", "--beta1", "0.2") == 0
+    saved = torch.load(tmp_path / "checkpoint.pt")
+    for name in ("opt_g", "opt_d"):
+        (group,) = saved["trainer"][name]["param_groups"]
+        assert group["lr"] == saved["settings"]["lr"] == 0.1 and group["betas"] == (0.2, 0.999)
+    assert _train("--resume", str(tmp_path), "--max-steps", "4") == 0
+    assert torch.load(tmp_path / "checkpoint.pt")["trainer"]["opt_g"]["param_groups"][0]["lr"] == 0.1
+
+
 def test_checkpoints_hold_host_tensors_and_the_state_dicts_versions():
     state = torch.nn.BatchNorm2d(3).state_dict()
     state["nested"] = [torch.ones(2, requires_grad=True), (torch.zeros(1),)]
@@ -180,3 +197,85 @@ def test_deterministic_asks_cudnn_for_deterministic_convolutions(tmp_path, monke
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     assert _train("--outf", str(tmp_path), "--max-steps", "1", "--deterministic") == 0
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+
+
+# ----------------------------------------------------------------------------- a run that goes non-finite
+
+def _poison_batch(monkeypatch, step, snapshot):
+    """The batch of ``step`` (1-based; 4 steps an epoch) gets one Inf pixel; ``snapshot`` is called just before."""
+    epoch = data.Feeder.epoch
+
+    def poisoned(self, number, skip_batches=0, in_place=False):
+        for index, batch in enumerate(epoch(self, number, skip_batches, in_place), start=skip_batches):
+            if number * 4 + index + 1 == step:
+                snapshot()
+                batch = batch.clone()
+                batch[0, 0, 0, 0] = math.inf
+            yield batch
+
+    monkeypatch.setattr(data.Feeder, "epoch", poisoned)
+
+
+@pytest.mark.parametrize("flags,read", [
+    (["--max-steps", "12", "--save-every", "2"], "at the save after it"),
+    (["--max-steps", "12", "--log-every", "1"], "at the progress read after it"),
+    (["--max-steps", "6"], "at the final save"),
+])
+def test_a_run_that_goes_non_finite_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys, flags, read):
+    """One Inf pixel in step 6's batch: the run stops (exit status 3) with one line naming the step and the
+    newest whole checkpoint, which is byte for byte as it was before that step; nothing non-finite is saved."""
+    before = {}
+    _poison_batch(monkeypatch, 6, lambda: before.update(_digests(tmp_path)))
+    assert _train("--outf", str(tmp_path), *flags) == train.DIVERGED_EXIT == 3, read
+    assert before and _digests(tmp_path) == before, read
+    assert torch.load(tmp_path / "checkpoint.pt")["step"] == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fastgan train: error: the losses of step 6 are not finite (Loss_D nan, Loss_G nan): "
+                              "stopped at step "), err
+    assert err[-1].endswith(f"without saving; the newest whole checkpoint, {tmp_path}/checkpoint.pt (step 4), is "
+                            f"untouched: continue from it with --resume {tmp_path} and a lower --lr"), err
+
+
+def test_non_finite_weights_are_not_saved(tmp_path, monkeypatch, capsys):
+    """Finite losses, but a weight gone non-finite in the update of step 6 (which the losses of step 7 would
+    show): the save at step 6 checks the weights and writes nothing."""
+    step = train.Trainer.step
+    before = {}
+
+    def poisoning(self, *args):
+        values = step(self, *args)
+        if self.train_step.batches == 6:
+            before.update(_digests(tmp_path))
+            next(self.d_module.parameters()).data[0, 0, 0, 0] = math.nan
+        return values
+
+    monkeypatch.setattr(train.Trainer, "step", poisoning)
+    assert _train("--outf", str(tmp_path), "--max-steps", "12", "--save-every", "6") == 3
+    assert _digests(tmp_path) == before
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "fastgan train: error: the weights after step 6 are not finite (first: netD main.0.weight): stopped at step 6 "
+        "without saving; the newest whole checkpoint")
+
+
+def test_an_interrupt_after_a_non_finite_step_saves_nothing(tmp_path, monkeypatch, capsys):
+    """SIGINT in step 6, whose batch holds an Inf: the interrupt's save reads the losses first and writes nothing."""
+    before = {}
+    _poison_batch(monkeypatch, 6, lambda: before.update(_digests(tmp_path)))
+    step = train.Trainer.step
+
+    def interrupted(self, *args):
+        if self.train_step.batches == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # noted by the handler: the step runs, then the run saves (or not)
+        return step(self, *args)
+
+    monkeypatch.setattr(train.Trainer, "step", interrupted)
+    assert _train("--outf", str(tmp_path), "--max-steps", "12") == 3
+    assert _digests(tmp_path) == before
+    assert "the losses of step 6 are not finite" in capsys.readouterr().err
+
+
+def test_on_nan_offers_stop_only(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", *TINY, "--outf", str(tmp_path), "--on-nan", "skip"])
+    assert info.value.code == 2
+    assert _train("--outf", str(tmp_path), "--max-steps", "1", "--on-nan", "stop") == 0

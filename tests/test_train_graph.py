@@ -120,21 +120,41 @@ def test_a_captured_run_resumed_is_the_uninterrupted_run(tmp_path, captured_on_c
     _same_files(tmp_path / "whole", tmp_path / "parts")
 
 
+def test_a_captured_run_that_goes_non_finite_stops_without_saving(tmp_path, captured_on_cpu, capsys):
+    """A D weight turned NaN in place (the storage the graphs read) before step 6: the replayed step's values,
+    read at the next window, stop the run (exit status 3) and the checkpoints stay as they were."""
+    fake_capture_everywhere(captured_on_cpu)
+    step, before = train.Trainer.step, {}
+
+    def poisoning(self, *args):
+        if self.train_step.batches == 5:
+            assert self.captured is not None
+            before.update({p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.suffix != ".lock"})
+            next(self.d_module.parameters()).data[0, 0, 0, 0] = float("nan")
+        return step(self, *args)
+
+    captured_on_cpu.setattr(train.Trainer, "step", poisoning)
+    assert _train(tmp_path / "run", "--max-steps", "12", "--save-every", "2") == 3
+    assert before and {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    assert "fastgan train: error: the losses of step 6 are not finite (Loss_D nan, Loss_G nan): stopped at step 6 " \
+           "without saving" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- resident batches
 
 @pytest.mark.parametrize("flip", [False, True])
 def test_resident_batches_in_place_are_the_feeders_batches(flip):
     """in_place hands out the ResidentBatch with its index filled: calling it gives the batch the Feeder yields,
-    failed items replaced, dead batches skipped, a resumed epoch's batches."""
+    a resumed epoch's batches included."""
     images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
-    feeder = feed.Feeder(images, 4, "cpu", seed=3, failed={5: "a", 9: "b"}, flip=flip, resident=True)
+    feeder = feed.Feeder(images, 4, "cpu", seed=3, flip=flip, resident=True)
     for skip in (0, 3):
-        tensors = list(feeder.epoch(1, skip))
-        in_place = [(b if b is None else b().clone(), lost) for b, lost in feeder.epoch(1, skip, in_place=True)]
+        tensors = [b.clone() for b in feeder.epoch(1, skip)]
+        in_place = [b().clone() for b in feeder.epoch(1, skip, in_place=True)]
         assert len(tensors) == len(in_place) == 10 - skip
-        for (want, lost), (got, got_lost) in zip(tensors, in_place):
-            assert lost == got_lost and torch.equal(got, want)
-    assert next(iter(feeder.epoch(0, in_place=True)))[0] is feeder.resident_batch
+        for want, got in zip(tensors, in_place):
+            assert torch.equal(got, want)
+    assert next(iter(feeder.epoch(0, in_place=True))) is feeder.resident_batch
 
 
 # ----------------------------------------------------------------------------- the host's work per replay
@@ -162,12 +182,12 @@ def test_a_replayed_step_issues_no_allocation_and_no_read(tmp_path, captured_on_
                     train.distributed.Context())
     batches = iter(run.feeder.epoch(0, in_place=True))
     for _ in range(4):  # warm-up, capture, a replay
-        run.rows[0].copy_(run.trainer.step(next(batches)[0]))
+        run.rows[0].copy_(run.trainer.step(next(batches)))
     (captured,) = made
     (entry,) = captured._entries.values()
     entry.graph = Replayer(lambda: None)  # the device's work stubbed out
     with _Ops() as seen:
-        real, _ = next(batches)
+        real = next(batches)
         run.rows[1].copy_(run.trainer.step(real))
     assert seen.ops == ["aten.copy_", "aten.copy_"], seen.ops
 

@@ -196,13 +196,13 @@ def _newest_epoch_set(folder, after):
     return None
 
 
-def newest(folder):
+def newest(folder, quiet=False):
     """The newest whole checkpoint in ``folder`` as a Source, or None: checkpoint.pt, or an epoch set with a
     later step (a save that died between the two).
 
     A checkpoint.pt that does not load (damaged on disk, cut short by a copy) gives way to the newest whole
-    epoch set, with a line on stderr saying so; it is then among the Source's files, which the resumed run
-    may replace.  UsageError when there is no epoch set to fall back to."""
+    epoch set, with a line on stderr saying so (unless ``quiet``); it is then among the Source's files, which
+    the resumed run may replace.  UsageError when there is no epoch set to fall back to."""
     path = os.path.join(folder, CHECKPOINT_FILE)
     if not os.path.isfile(path):
         return _newest_epoch_set(folder, -1)
@@ -222,10 +222,19 @@ def newest(folder):
         raise UsageError(f"{damage}, and {folder} holds no whole epoch set (train_state_epoch_N.pt with its "
                          "netG/netD files) to fall back to; start a new run with --outf DIR (or --force to "
                          f"replace {path})")
-    print(f"fastgan train: {damage}; falling back to the newest whole epoch set, {fallback.label} (the damaged "
-          f"{CHECKPOINT_FILE} is replaced at this run's first save)", file=sys.stderr, flush=True)
+    if not quiet:
+        print(f"fastgan train: {damage}; falling back to the newest whole epoch set, {fallback.label} (the damaged "
+              f"{CHECKPOINT_FILE} is replaced at this run's first save)", file=sys.stderr, flush=True)
     fallback.files.append(path)
     return fallback
+
+
+def resumable(folder):
+    """Whether ``--resume folder`` finds a whole checkpoint to continue (see newest)."""
+    try:
+        return newest(folder, quiet=True) is not None
+    except UsageError:
+        return False
 
 
 def blocking(folder, run_id, step, epoch, source_files):
@@ -264,8 +273,10 @@ def blocking(folder, run_id, step, epoch, source_files):
 
 
 def _whose(record, run_id):
-    if record is None or "step" not in record:
-        return "not a fastgan checkpoint of this run"
+    if record is None:
+        return "not a readable fastgan checkpoint"
+    if "step" not in record:
+        return "not a fastgan checkpoint"
     if record.get("run_id") is None:
         return f"a run without an id, step {record['step']}"
     if record.get("run_id") != run_id:

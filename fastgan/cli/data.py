@@ -1,8 +1,8 @@
 """Training images: builtin and fake (generated), folder/imagenet/lfw (image trees), mnist, cifar10 and lsun.
 
     dataset = make_dataset("folder", "~/celeba", size=64, nc=3)   # Images: uint8 (N, 3, 64, 64), decoded once
-    feeder = Feeder(dataset.images, batch, device, seed, rank, world_size, failed=dataset.failed)
-    for real, failed in feeder.epoch(epoch, skip_batches): ...     # float32 batches on the device (fastgan.cli.feed)
+    feeder = Feeder(dataset.images, batch, device, seed, rank, world_size)
+    for real in feeder.epoch(epoch, skip_batches): ...  # float32 batches on the device (fastgan.cli.feed)
 
 The datasets read from files are decoded once into a cache (fastgan.cli.imagecache) and memory-mapped from it
 after; the cache holds the files that decode, and says, when it is built and at each load, which did not and
@@ -10,7 +10,7 @@ why.  Every dataset is also a torch Dataset of (image, index): image a float32 (
 [-1, 1], or None for an item that did not decode (Folder decodes each file when it is read);
 :func:`epoch_loader` batches one through a DataLoader with :func:`collate`, which fills such places with repeats
 of the batch's good images and hands their indices to the caller.  The Feeder gives the same batches, built on
-the device.
+the device, of a set whose every item decodes (an Images).
 """
 import os
 
@@ -29,26 +29,16 @@ def _normalise(pixels):
 
 
 class Images(Dataset):
-    """Decoded images: ``images`` uint8 (N, C, S, S) on the CPU (in memory, or mapped from a cache file) and
-    ``failed`` {index: name} of the items that did not decode (their rows are zeros)."""
+    """Decoded images: ``images`` uint8 (N, C, S, S) on the CPU (in memory, or mapped from a cache file)."""
 
-    def __init__(self, images, failed=None):
-        self.images, self.failed = images, dict(failed or {})
+    def __init__(self, images):
+        self.images = images
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, index):
-        return (None if index in self.failed else _normalise(self.images[index])), index
-
-    def name(self, index):
-        """What item ``index`` is, for a report: its file (LSUN: LMDB folder/key), else its position."""
-        return self.failed.get(index, f"image {index}")
-
-    @property
-    def files(self):
-        """{index: file} of the failed items: what Folder.files gives for them (a report's names; see name())."""
-        return self.failed
+        return _normalise(self.images[index]), index
 
 BUILTIN_DRAWS = 24  # uniform numbers behind one builtin image
 

@@ -1,16 +1,16 @@
 """Batches built without per-image Python: a uint8 image set indexed, normalised and flipped in whole batches.
 
-    feeder = Feeder(images, batch_size, device, seed, rank, world_size, failed={i: name}, flip=False)
-    for real, failed in feeder.epoch(epoch, skip_batches):  # real: float32 (B, C, S, S) in [-1, 1] on device
+    feeder = Feeder(images, batch_size, device, seed, rank, world_size, flip=False)
+    for real in feeder.epoch(epoch, skip_batches):  # real: float32 (B, C, S, S) in [-1, 1] on device
         ...
-    for real, failed in feeder.epoch(epoch, skip_batches, in_place=True):  # resident: real() makes the batch
+    for real in feeder.epoch(epoch, skip_batches, in_place=True):  # resident: real() makes the batch
         ...
 
 The batches are epoch_loader's (fastgan.cli.data) to the bit: a DistributedSampler shuffle from (seed, epoch)
 for this rank, incomplete batches dropped, the first ``skip_batches`` left out (a resumed epoch), x / 127.5 - 1
-in fp32; a failed item's place goes to a repeat of the batch's good images (collate's rule) and its index into
-``failed``; a batch without a good image comes as (None, failed).  ``flip``: each image mirrored left-right
-with probability 1/2, drawn from (seed, epoch, rank), so a resumed epoch flips the same images.
+in fp32.  Every item is an image: the datasets behind a Feeder hold only images that decode (the image cache
+leaves the others out).  ``flip``: each image mirrored left-right with probability 1/2, drawn from (seed,
+epoch, rank), so a resumed epoch flips the same images.
 
 Where a batch is built:
 - resident (a GPU with room: the set takes under half its free memory): the whole uint8 set on the device; a
@@ -61,32 +61,17 @@ def epoch_indices(n, batch_size, epoch, seed, rank=0, world_size=1):
     return order[:steps * batch_size].reshape(steps, batch_size)
 
 
-def fill_failed(rows, failed):
-    """collate's rule on index batches (steps, B), in place: a failed item's place goes to the batch's good ones,
-    good first, then repeats.  Returns ({step: failed indices}, {steps with no good item})."""
-    bad = np.isin(rows, np.fromiter(failed, dtype=np.int64, count=len(failed)))
-    lost, dead = {}, set()
-    for step in np.flatnonzero(bad.any(axis=1)):
-        good = rows[step][~bad[step]]
-        lost[int(step)] = rows[step][bad[step]].tolist()
-        if len(good):
-            rows[step] = np.concatenate([good, good[np.arange(bad[step].sum()) % len(good)]])
-        else:
-            dead.add(int(step))
-    return lost, dead
-
-
 class Feeder:
     """This rank's batches of ``images`` (uint8 (N, C, S, S), CPU, e.g. memory-mapped) on ``device``.
 
     ``resident``: None decides (see the module), True/False force it (a set forced resident on a GPU must fit).
     ``memory_format``: the batches' (torch.channels_last for a channels-last model)."""
 
-    def __init__(self, images, batch_size, device, seed, rank=0, world_size=1, failed=(), flip=False,
+    def __init__(self, images, batch_size, device, seed, rank=0, world_size=1, flip=False,
                  memory_format=torch.contiguous_format, resident=None, threads=None, prefetch=None):
         self.device = torch.device(device)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.failed, self.flip, self.memory_format = set(failed), flip, memory_format
+        self.flip, self.memory_format = flip, memory_format
         self.n = len(images)
         self.steps_per_epoch = self.n // world_size // batch_size
         cuda = self.device.type == "cuda"
@@ -123,9 +108,7 @@ class Feeder:
         flips = None
         if self.flip:
             flips = np.random.default_rng([self.seed, epoch, self.rank]).random(rows.shape)[skip_batches:] < 0.5
-        rows = rows[skip_batches:]
-        lost, dead = fill_failed(rows, self.failed) if self.failed else ({}, set())
-        return rows, flips, lost, dead
+        return rows[skip_batches:], flips
 
     def _normalise(self, pixels, flips):
         """uint8 (B, C, S, S) tensor on the device -> float32 x / 127.5 - 1, mirrored where ``flips``."""
@@ -134,18 +117,15 @@ class Feeder:
         out = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device, memory_format=self.memory_format)
         return out.copy_(pixels).div_(self.half_range).sub_(1.0)
 
-    def _resident(self, rows, flips, lost, dead, in_place):
+    def _resident(self, rows, flips, in_place):
         batch = self.resident_batch
         rows = torch.from_numpy(rows).to(self.device).unbind(0)
         flips = torch.from_numpy(flips).to(self.device).unbind(0) if flips is not None else None
         for step in range(len(rows)):
-            if step in dead:
-                yield None, lost[step]
-                continue
             batch.index.copy_(rows[step], non_blocking=True)
             if flips is not None:
                 batch.flips.copy_(flips[step], non_blocking=True)
-            yield (batch if in_place else batch()), lost.get(step, [])
+            yield batch if in_place else batch()
 
     def _host_batch(self, rows, flips):
         """Runs in a thread: the batch's uint8 rows, mirrored where ``flips``; for the CPU, normalised (numpy)."""
@@ -162,19 +142,16 @@ class Feeder:
         np.subtract(values, np.float32(1.0), out=values)
         return batch
 
-    def _on_host(self, rows, flips, lost, dead):
-        todo = iter([step for step in range(len(rows)) if step not in dead])
+    def _on_host(self, rows, flips):
+        todo = iter(range(len(rows)))
         with concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="fastgan-feed") as pool:
             ahead = collections.deque()  # the futures of the next batches, in order
             try:
-                for step in range(len(rows)):
-                    if step in dead:
-                        yield None, lost[step]
-                        continue
+                for _ in range(len(rows)):
                     for s in itertools.islice(todo, self.prefetch - len(ahead)):
                         ahead.append(pool.submit(self._host_batch, rows[s], None if flips is None else flips[s]))
                     batch = ahead.popleft().result()
-                    yield (self._to_device(batch) if self.copy_stream is not None else batch), lost.get(step, [])
+                    yield self._to_device(batch) if self.copy_stream is not None else batch
             finally:
                 for future in ahead:
                     future.cancel()

@@ -19,7 +19,11 @@ Ctrl-C or SIGTERM lets the running step finish, saves checkpoint.pt and exits (s
 second Ctrl-C abandons the save and leaves the previous checkpoint whole.  --resume DIR (or --netG/--netD
 with the train_state beside them) continues bit for bit as if the run had never stopped (on a GPU with
 --deterministic, under the same --amp/--channels-last flags).  A run never
-replaces checkpoints it did not write: not another run's, nor later ones of its own (--force does).
+replaces checkpoints it did not write: not another run's, nor later ones of its own (--force does).  It holds
+a lock on --outf (fastgan.cli.lock) from before its first look at the folder to its exit: a second run into
+the folder, resumed or not, is refused with one line.  A run whose losses (read every --log-every steps and
+before each save) or weights (checked before each save) are not finite stops without saving, keeps the last
+good checkpoint and exits with status 3 (DIVERGED_EXIT).
 """
 import argparse
 import collections
@@ -38,7 +42,7 @@ import uuid
 import torch
 
 from ..nn import distributed, fused_conv, presets
-from ..nn.checkpoint import CHECKPOINT, TRAIN_STATE, find_state_dict, is_train_state, load_checkpoint
+from ..nn.checkpoint import CHECKPOINT, TRAIN_STATE, find_state_dict, is_train_state, load_checkpoint, read_file
 from ..nn.layers import fuse
 from ..nn.losses import LOSSES
 from ..nn.plan import LEVELS
@@ -48,13 +52,16 @@ from ..usage import (UsageError, int_at_least_2, natural_float, natural_int, one
                      seed_int, unit_float, width_int, writable_folder)
 from . import checkpoints, data, progress
 from .common import check_backend, read_checkpoint
+from .lock import FolderLock
 from .sample import sample_noise, save_grid
 
 CPU_BATCH, CPU_WIDTH_DIVISOR = 16, 4  # defaults without a GPU: batch 16, a quarter of the preset's widths
 N_FIXED = 64  # images in each sample grid
+DIVERGED_EXIT = 3  # the exit status of a run whose losses or weights went non-finite
 SAVE_EVERY = 1000  # default --save-every: at most this many steps are lost to a crash or SIGKILL
 GRAPH_MODES = ("auto", "on", "off")
 WINDOW_ROWS = 4096  # step values kept on the device between reads; a longer --log-every reads them in parts
+D_ONLY_VALUES = [VALUES.index(v) for v in ("loss_d", "d_x", "d_g_z1")]  # what a step without G updates computes
 DATA_DEFAULTS = dict(dataset="builtin", dataroot=None, classes=None, builtin_images=4096,
                      builtin_seed=0)  # resuming: the run's
 
@@ -119,10 +126,32 @@ def add_arguments(parser):
     a("--log-every", type=positive_int, default=10,
       help="batches between progress updates (a line each when stdout is not a terminal); the only reads of "
            "the losses from the GPU")
-    a("--dry-run", action="store_true", help="train one step to check that the setup works, and write nothing")
+    a("--dry-run", action="store_true",
+      help="train one step to check that the setup works, and write nothing (refused where the real run would be: "
+           "--outf in use, or holding checkpoints in the way)")
+    a("--on-nan", type=on_nan, default="stop", metavar="stop",
+      help="when a step's losses are not finite: stop without saving, keeping the last good checkpoint (exit "
+           "status 3; the only choice: see docs/design.md)")
+    a("--accel", action="store_true",
+      help="examples/dcgan's: train on the accelerator if there is one (a CUDA GPU, the default anyway), else on the "
+           "CPU")
     a("--cuda", action="store_true", help="examples/dcgan's: train on the GPU (the default when there is one)")
     a("--ngpu", type=positive_int, help="examples/dcgan's: for several GPUs use torchrun --nproc-per-node N")
     a("--mps", action="store_true", help="examples/dcgan's Apple GPU flag: not supported, fastgan runs on CUDA and CPU")
+
+
+def on_nan(value):
+    """--on-nan: "stop" only.  Skipping a non-finite step's update cannot be made exact without a sync per step:
+    the D update lands before the G loss is known, and the poisoned forward has already moved the BatchNorm
+    running statistics (see docs/design.md)."""
+    if value == "stop":
+        return value
+    if value == "skip":
+        raise argparse.ArgumentTypeError(
+            "skip is not offered: dropping a non-finite step's update would mean copying D's weights, Adam's "
+            "moments and the BatchNorm statistics every step; a run that goes non-finite stops and keeps its last "
+            "good checkpoint (--on-nan stop, the default)")
+    raise argparse.ArgumentTypeError(f"expected stop, got {value!r}")
 
 
 @dataclasses.dataclass
@@ -267,13 +296,15 @@ class Trainer:
 
     def load_state_dict(self, state):
         """The saved optimizers, batch count and loss scalers.  The step's generator is not saved: every step
-        reseeds it.  The run's own Adam flags (fused, capturable) replace the saved run's.  A run resumed with
-        other --amp/--channels-last flags starts fresh loss scales and keeps Adam's moments in the parameters'
-        layout (CUDA's fused Adam requires it)."""
+        reseeds it.  The run's own Adam flags (fused, capturable) and hyper-parameters (--lr, --beta1, --beta2:
+        the resumed run's unless given) replace the saved ones.  A run resumed with other
+        --amp/--channels-last flags starts fresh loss scales and keeps Adam's moments in the parameters' layout
+        (CUDA's fused Adam requires it)."""
+        s = self.s
         for opt, saved in ((self.opt_g, state["opt_g"]), (self.opt_d, state["opt_d"])):
             opt.load_state_dict(saved)
             for group in opt.param_groups:
-                group.update(self.adam_flags)
+                group.update(self.adam_flags, lr=s.lr, betas=(s.beta1, s.beta2), weight_decay=s.weight_decay)
                 for p in group["params"]:
                     moments = opt.state.get(p, {})
                     for key, value in moments.items():
@@ -320,9 +351,13 @@ def save_loss_curve(path, history):
 
 
 class Run:
-    """One `fastgan train` invocation: settings, data, models, the loop, checkpoints."""
+    """One `fastgan train` invocation: settings, data, models, the loop, checkpoints.
 
-    def __init__(self, args, context):
+    ``lock``: hold the lock on --outf (fastgan.cli.lock) from here to ``release()``, taken on rank 0 before
+    the data and the models are built, so that a second run is turned away at once; a --dry-run only checks
+    that no run holds it."""
+
+    def __init__(self, args, context, lock=False):
         self.args, self.context = args, context
         self.source = self._resume_source()  # a checkpoints.Source, or None for a fresh run
         saved = self.source.record if self.source else None
@@ -340,6 +375,41 @@ class Run:
             torch.distributed.broadcast_object_list(shared, src=0)
             seed, run_id = shared
         self.seed, self.run_id = seed, run_id
+        self.lock = self._lock(probe=args.dry_run) if lock else None
+        try:
+            self._build(saved)
+        except BaseException:
+            self.release()
+            raise
+
+    def _lock(self, probe):
+        """Rank 0 takes the lock on --outf (``probe``: checks that nobody holds it); every rank hears a refusal."""
+        held, refused = None, None
+        if self.context.main:
+            try:
+                if probe:
+                    FolderLock.check(self.outf)
+                else:
+                    held = FolderLock.take(self.outf, self.run_id)
+            except UsageError as exc:
+                refused = str(exc)
+        if self.context.distributed:
+            shared = [refused]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            refused = shared[0]
+        if refused:
+            raise UsageError(refused)
+        return held
+
+    def release(self):
+        """Let another run write into --outf."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _build(self, saved):
+        """The data, the models, the trainer and the position reached."""
+        args, context, seed = self.args, self.context, self.seed
         torch.manual_seed(seed)
         self.dataset = data.make_dataset(args.dataset, args.dataroot, self.s.image_size, self.s.nc,
                                          args.builtin_images, args.builtin_seed, classes=args.classes,
@@ -379,16 +449,15 @@ class Run:
             print(f"fastgan train: --graph auto: eager steps: {self.trainer.why_eager}", flush=True)
         # after the models are on the device, so that a set kept on the GPU fits beside them
         self.feeder = data.Feeder(self.dataset.images, self.per_rank, device, seed, context.rank, context.world_size,
-                                  failed=self.dataset.failed, memory_format=fmt)
+                                  memory_format=fmt)
         self.fixed_noise = sample_noise(N_FIXED, self.s.nz, self.s.noise, "cpu",
                                         torch.Generator().manual_seed(seed)).to(device)
-        self.epoch, self.batch, self.step, self.history, self.failed = 0, 0, 0, [], set()
+        self.epoch, self.batch, self.step, self.history = 0, 0, 0, []
         if saved:
             self.trainer.load_state_dict(saved["trainer"])
             self.fixed_noise = saved["fixed_noise"].to(device)
             self.history, self.step = saved["history"], saved["step"]
             self.epoch, self.batch = saved["epoch"], saved["batch"]
-            self.failed = set(saved.get("failed", ()))
             if "rng" in saved:
                 torch.set_rng_state(saved["rng"]["torch"])
             if self.batch >= self.steps_per_epoch:
@@ -397,6 +466,7 @@ class Run:
         self.window = torch.empty(min(args.log_every, WINDOW_ROWS), len(VALUES), device=device)
         self.rows, self.pending = self.window.unbind(0), 0
         self.arriving, self.last = collections.deque(), [math.nan] * len(VALUES)
+        self.nonfinite = None  # (step index, values) of the first step read back with values that are not finite
         self.max_steps = self.step + 1 if args.dry_run else (math.inf if args.max_steps is None else args.max_steps)
         self.saved_step = self.step if saved else None  # the step of the newest checkpoint of this run
         self.stopping = None  # the signal that asked the run to stop
@@ -444,6 +514,19 @@ class Run:
             return checkpoints.read_checkpoint_file(path)
         if is_train_state(record):
             return checkpoints.read_epoch_set(path)
+        if record is None and os.path.isfile(path):  # a damaged checkpoint (or not one at all)
+            try:
+                read_file(path, f"--resume {path}")
+            except UsageError as exc:
+                damage = str(exc)
+            else:
+                damage = f"--resume {path} is not a fastgan checkpoint"
+            folder = os.path.dirname(path) or "."
+            if checkpoints.resumable(folder):
+                raise UsageError(f"{damage}; --resume {folder} continues from the newest whole checkpoint there "
+                                 "(the epoch sets included)")
+            raise UsageError(f"{damage}, and {folder} holds no other whole checkpoint to continue; start a new run "
+                             "with --outf DIR")
         raise UsageError(f"--resume {path} is not a fastgan checkpoint (checkpoint.pt or train_state_epoch_N.pt); "
                          "to start from a generator's or discriminator's weights use --netG/--netD")
 
@@ -535,8 +618,7 @@ class Run:
         return dict(run_id=self.run_id, step=self.step, epoch=self.epoch, batch=self.batch,
                     complete=self.batch == self.steps_per_epoch, settings=dataclasses.asdict(self.s),
                     seed=self.seed, history=self.history, fixed_noise=self.fixed_noise.cpu(),
-                    trainer=self.trainer.state_dict(), rng=dict(torch=torch.get_rng_state()),
-                    failed=sorted(self.failed), data=self.data_record(),
+                    trainer=self.trainer.state_dict(), rng=dict(torch=torch.get_rng_state()), data=self.data_record(),
                     precision=dict(amp=self.args.amp, channels_last=self.args.channels_last))
 
     def data_record(self):
@@ -548,8 +630,10 @@ class Run:
         """Save the position reached; returns the paths written.  kind: "interval" writes checkpoint.pt;
         "interrupt" also the loss curve; "epoch" and "final" first the epoch's set, then checkpoint.pt, the
         sample grid and the loss curve.  Rank 0 writes; every rank draws the grid (sync-bn is collective).
-        A --dry-run writes nothing."""
+        Nothing is written when the steps since the last read or the weights are not finite (Diverged), nor by a
+        --dry-run."""
         self.collect(wait=True)
+        self.check_finite()
         if self.args.dry_run:
             return []
         images = self.sample_grid() if kind in ("epoch", "final") else None
@@ -625,13 +709,9 @@ class Run:
         args, c = self.args, self.context
         window_start, window_steps, written = time.perf_counter(), 0, None
         while self.batch < self.steps_per_epoch and not self.should_stop():
-            real, failed = next(batches, (None, None))
-            if failed is None or self.should_stop():
+            real = next(batches, None)
+            if real is None or self.should_stop():
                 break
-            self.failed.update(failed)
-            if real is None:
-                raise UsageError("every image of a batch failed to decode; check the files under "
-                                 f"--dataroot {args.dataroot}")
             if self.step == 0 and c.main and not args.dry_run:
                 images = real if isinstance(real, torch.Tensor) else real()  # the Feeder's resident batch
                 save_grid(images[:N_FIXED], os.path.join(self.outf, "real_samples.png"))
@@ -656,11 +736,12 @@ class Run:
         return written
 
     def vote_stop(self):
-        """Distributed: the ranks agree at each log window whether one of them was signalled, so that all stop
-        at the same step.  On GPUs the vote is read one window later, when it has long arrived: reading it at
-        once would stall the step stream."""
+        """Distributed: the ranks agree at each log window whether one of them was signalled or read values
+        that are not finite, so that all stop at the same step (and then at the save, for values that are not
+        finite).  On GPUs the vote is read one window later, when it has long arrived: reading it at once would
+        stall the step stream."""
         c = self.context
-        flag = torch.full((1,), float(self.stopping is not None), device=c.device)
+        flag = torch.full((1,), float(self.stopping is not None or self.nonfinite is not None), device=c.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if not flag.is_cuda:
             self.agreed_stop = bool(flag.item())
@@ -676,7 +757,8 @@ class Run:
 
     def collect(self, wait):
         """Start copying the pending step results to the host, and move the copies that have arrived into the
-        history (all of them when ``wait``); returns the latest value of each statistic.
+        history (all of them when ``wait``); returns the latest value of each statistic.  Values that are not
+        finite stop the run (Diverged; distributed: at the next save, which all ranks reach together).
 
         Only ``wait`` waits for the device: between checkpoints a window's losses are read when the next window
         is logged, by then long computed, so the step stream never stalls on them."""
@@ -696,15 +778,67 @@ class Run:
             self.history += [[first + i, r[0], r[1]] for i, r in enumerate(rows)]
             for r in rows:
                 self.last = [v if math.isfinite(v) else old for v, old in zip(r, self.last)]
+            if self.nonfinite is None:
+                self.nonfinite = self._first_nonfinite(first, rows)
+        if self.nonfinite is not None and not self.context.distributed:
+            raise self.diverged(*self.nonfinite)
         return self.last
 
-    def failed_files(self):
-        failed = self.failed
+    def _first_nonfinite(self, first, rows):
+        """(step index, values) of the first of ``rows`` (steps ``first``, ``first`` + 1, ...) with a value that
+        is not finite, or None.  A step without G updates has NaN G values by design (TrainStep.run)."""
+        for index, values in enumerate(rows, start=first):
+            computed = values if self._g_round(index) else [values[i] for i in D_ONLY_VALUES]
+            if not all(map(math.isfinite, computed)):
+                return index, values
+        return None
+
+    def _g_round(self, index):
+        """Whether step ``index`` (0-based) ends with G updates: TrainStep.begin's rule."""
+        return (index + 1) % self.s.d_steps == 0
+
+    def check_finite(self):
+        """Before a save: Diverged when a step read back or a weight or buffer of G or D is not finite (on any
+        rank: distributed, the ranks agree here).  One read of the device, which a save waits for anyway."""
+        nets = (("netG", self.trainer.g_module), ("netD", self.trainer.d_module))
+        names, tensors = zip(*[(f"{net} {key}", t) for net, module in nets for key, t in module.state_dict().items()
+                               if t.is_floating_point()])
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors])
+        index = torch.arange(len(tensors), dtype=torch.float64, device=finite.device)
+        step = math.inf if self.nonfinite is None else self.nonfinite[0]
+        # the first tensor and the first step that are not finite (inf: none), over all ranks
+        found = torch.stack([index.masked_fill(finite, math.inf).min(), torch.tensor(step, dtype=index.dtype,
+                                                                                     device=index.device)])
         if self.context.distributed:
-            parts = [None] * self.context.world_size
-            torch.distributed.all_gather_object(parts, failed)
-            failed = set().union(*parts)
-        return failed
+            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MIN)
+        weight, step = found.tolist()
+        if step < math.inf:
+            ours = self.nonfinite is not None and self.nonfinite[0] == step
+            raise self.diverged(int(step), self.nonfinite[1] if ours else None)
+        if weight < math.inf:
+            raise Diverged(f"the weights after step {self.step} are not finite (first: {names[int(weight)]})"
+                           f"{self._stopped()}")
+
+    def diverged(self, index, values):
+        """The Diverged error of step ``index`` (0-based) with ``values`` (None: read on another rank)."""
+        shown = "" if values is None else f" (Loss_D {values[0]:.4g}" + (
+            f", Loss_G {values[1]:.4g})" if self._g_round(index) else ")")
+        return Diverged(f"the losses of step {index + 1} are not finite{shown}{self._stopped()}")
+
+    def _stopped(self):
+        """What a run that diverged did, and the way out."""
+        try:
+            newest = checkpoints.newest(self.outf, quiet=True)
+        except (UsageError, OSError):
+            newest = None
+        kept = (f"the newest whole checkpoint, {newest.label}, is untouched: continue from it with --resume "
+                f"{self.outf} and a lower --lr" if newest else
+                "no checkpoint was saved before it: start again with a lower --lr")
+        return f": stopped at step {self.step} without saving; {kept}"
+
+
+class Diverged(Exception):
+    """A run's losses or weights are not finite: it stops without saving (exit status DIVERGED_EXIT)."""
 
 
 def _side_file(path, role):
@@ -720,7 +854,9 @@ def _origin(record):
 
 
 def examples_dcgan_flags(args):
-    """examples/dcgan's --cuda, --mps and --ngpu, in terms of --device and torchrun."""
+    """examples/dcgan's --accel, --cuda, --mps and --ngpu, in terms of --device and torchrun.  --accel, as there:
+    the accelerator if there is one, else the CPU; one fastgan does not run on (MPS, XPU) gives the CPU, saying
+    so."""
     if args.mps:
         raise UsageError("--mps: fastgan's kernels run on CUDA GPUs and on the CPU, not on Apple's MPS; drop --mps "
                          "to train on the CPU")
@@ -730,6 +866,18 @@ def examples_dcgan_flags(args):
         if not torch.cuda.is_available():
             raise UsageError("--cuda: no CUDA device is available here; drop --cuda to train on the CPU")
         args.device = args.device or "cuda"
+    if args.accel and not args.cuda:
+        if args.device and backends.parse_device(args.device).type != "cuda":
+            raise UsageError(f"--accel and --device {args.device} disagree; drop one of them")
+        accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        if accelerator is not None and accelerator.type == "cuda":
+            args.device = args.device or "cuda"
+        else:
+            if int(os.environ.get("RANK", "0")) == 0:
+                why = ("there is no accelerator here" if accelerator is None else
+                       f"fastgan's kernels run on CUDA GPUs, not on this {accelerator.type} accelerator")
+                print(f"fastgan train: --accel: {why}; training on the CPU", flush=True)
+            args.device = "cpu"
     if args.ngpu and args.ngpu > 1:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             print(f"fastgan train: --ngpu {args.ngpu} is ignored under torchrun: each process trains on one GPU "
@@ -758,12 +906,17 @@ def run(args):
     check_backend(args.backend, context.device)
     check_graph_and_level(args, context)
     try:
-        train = Run(args, context)
+        train = Run(args, context, lock=True)
     except KeyboardInterrupt:  # while the image cache was being built: it said where it stopped
         raise SystemExit("fastgan train: interrupted before training started") from None
     try:
         return _run(args, context, train)
+    except Diverged as exc:
+        if context.main:
+            print(f"fastgan train: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(DIVERGED_EXIT) from None
     finally:
+        train.release()
         if context.distributed:
             # The DDP models go first: freed after the group, their Reducer's last reference to the gloo group
             # joins its worker thread while that thread waits for the GIL (a shutdown hang on torch 2.8-2.11).
@@ -789,15 +942,15 @@ def _run(args, context, train):
         if context.main:
             print(f"nothing to do: the run is at step {train.step}, epoch {train.epoch} (raise --max-steps/--niter)")
         return 0
-    if args.dry_run:
-        return _dry_run(train)
     blocked = checkpoints.blocking(train.outf, train.run_id if train.source else None, train.step, train.epoch,
                                    train.source.files if train.source else [])
     if blocked and not args.force:
         shown = ", ".join(blocked[:3]) + (f" and {len(blocked) - 3} more" if len(blocked) > 3 else "")
-        raise UsageError(f"--outf {train.outf} holds checkpoints this run would replace: {shown}; continue the newest "
-                         f"with --resume {train.outf}, write into another folder with --outf DIR, or pass --force "
-                         "to replace them")
+        resume = f"continue the newest with --resume {train.outf}, " if checkpoints.resumable(train.outf) else ""
+        raise UsageError(f"--outf {train.outf} holds checkpoints this run would replace: {shown}; {resume}write into "
+                         "another folder with --outf DIR, or pass --force to replace them")
+    if args.dry_run:  # after the checks a real run makes: it is refused where this run would be
+        return _dry_run(train)
     if context.main:
         writable_folder(train.outf, "--outf")
         if blocked:
@@ -825,10 +978,6 @@ def _run(args, context, train):
             print(f"\nfastgan train: stopped at step {train.step} ({signal.Signals(signum).name}): {saved}; "
                   f"continue with --resume {train.outf}", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum)
-    failed = train.failed_files()
     if context.main:
-        if failed:
-            names = sorted(train.dataset.name(i) for i in failed)
-            print(f"skipped {len(failed)} unreadable file(s), e.g. {names[0]}")
         print(f"done: {train.step} steps; wrote {', '.join(written)}")
     return 0
