@@ -21,6 +21,7 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 
 from fastgan.perf import bench  # noqa: E402
+from fastgan.perf.environment import describe, environment  # noqa: E402
 
 WARMUP_CALLS = 5
 GPU_ONLY = "needs CUDA (without it the smoke size b2-g4-d4 runs instead)"
@@ -115,7 +116,7 @@ def pytest_configure(config):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    name, versions = bench.environment(torch.device("cuda" if HAS_CUDA else "cpu"))
+    name, versions = describe(environment(torch.device("cuda" if HAS_CUDA else "cpu")))
     machine_info["fastgan_device"] = name
     machine_info["fastgan_versions"] = versions
 

@@ -1,5 +1,6 @@
-"""The GPU check (fastgan.perf.gpu_check): its plan fits one device call, and a dry run skips its GPU stages."""
+"""The GPU check (benchmarks/gpu_check.py): its plan fits one device call, and a dry run skips its GPU stages."""
 import importlib
+import importlib.util
 import os
 import re
 import subprocess
@@ -9,8 +10,11 @@ import time
 import pytest
 
 from fastgan import cli
-from fastgan.perf import gpu_check
-from parity import HAS_CUDA
+from parity import HAS_CUDA, ROOT, python_env
+
+_spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+gpu_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_check)
 
 
 def test_plan_leaves_margin_under_nine_minutes_and_is_the_documented_one():
@@ -23,12 +27,12 @@ def test_plan_leaves_margin_under_nine_minutes_and_is_the_documented_one():
 
 def test_dry_run_skips_the_gpu_stages_and_exits_0(tmp_path):
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "fastgan.perf.gpu_check", "--out", str(out)] + (["--dry-run"] if HAS_CUDA else [])
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "benchmarks.gpu_check", "--out", str(out)] + (["--dry-run"] if HAS_CUDA else [])
+    result = subprocess.run(command, cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = (out / "summary.md").read_text()
     assert summary in result.stdout
-    assert re.search(r"^- python \S+, torch \S+ .*triton", summary, re.M)
+    assert re.search(r"^- CUDA \S+, torch \S+, triton .*, fastgan from ", summary, re.M)
     reason = "--dry-run" if HAS_CUDA else "no CUDA device here"
     for stage in gpu_check.STAGES:
         assert re.search(rf"^\| {stage.name} \| skipped \| 0 \| 0 \| {re.escape(reason)}", summary, re.M), stage.name

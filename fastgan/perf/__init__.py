@@ -5,5 +5,5 @@
     bench       the side-by-side train-step benchmark (python -m fastgan bench) and its peers
     profiling   torch.profiler summary per category (python -m fastgan profile)
     doctor      correctness and speed on this machine, with a verdict (python -m fastgan doctor)
-    gpu_check   the one-call GPU check: build, GPU tests, bench, profile, time-boxed (python -m fastgan.perf.gpu_check)
+    environment the machine and the versions behind a measurement, for all of the above and benchmarks/gpu_check.py
 """

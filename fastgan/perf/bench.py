@@ -15,7 +15,6 @@ uses backend="aot_eager", which needs no C++ toolchain.
 import argparse
 import datetime
 import gc
-import platform
 import shlex
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from ..nn.step import CapturedStep
 from ..ops import backends
 from ..usage import UsageError, natural_int, positive_float, positive_int, width_int, writable_folder
 from . import flops
+from .environment import describe, environment
 
 FASTGAN_BACKENDS = tuple(b for b in backends.BACKENDS if b != "auto")
 COMPILE_MODES = ("default", "max-autotune")
@@ -380,22 +380,6 @@ def add_speedups(output_json):
     return output_json
 
 
-def environment(device):
-    """A line naming the device and the versions behind a measurement."""
-    parts = [f"torch {torch.__version__}"]
-    if backends.triton_import_error() is None:
-        import triton
-
-        parts.append(f"triton {triton.__version__}")
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        parts += [f"CUDA {torch.version.cuda}", f"cuDNN {torch.backends.cudnn.version()}",
-                  f"TF32 cuDNN={torch.backends.cudnn.allow_tf32} matmul={torch.backends.cuda.matmul.allow_tf32}"]
-    else:
-        name = f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-    return name, ", ".join(parts)
-
-
 def render_table(headers, rows, markdown=False):
     cells = [[str(c) for c in row] for row in [headers, *rows]]
     if markdown:
@@ -421,7 +405,7 @@ def command_line(args, names):
 
 def append_markdown(path, title, device, command, body):
     """Append a dated block (device, versions, command, body) to a markdown file."""
-    name, versions = environment(device)
+    name, versions = describe(environment(device))
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     block = (f"\n### {title}, {stamp}\n\n- device: {name}\n- versions: {versions}\n"
              f"- command: `{command}`\n\n{body}\n")
@@ -505,7 +489,7 @@ def run(args):
     roof_kind = "given" if args.peak_tflops else f"measured {'TF32' if tf32 else config.dtype} matmul"
     floor_line = (f"floor: {step_flops.total / 1e9:.4g} GFLOP/step ({lean_flops.total / 1e9:.4g} without D "
                   f"weight-grads in the G step) at a roof of {roof:.3g} TFLOP/s ({roof_kind}) = {floor_ms:.3f} ms")
-    name, versions = environment(device)
+    name, versions = describe(environment(device))
     print(f"fastgan bench {config} on {name}; {versions}")
     print(floor_line)
 

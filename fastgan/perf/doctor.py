@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from ..nn.step import CapturedStep
 from ..ops import backends, extension
 from ..usage import UsageError, one_line, positive_float, positive_int
 from . import bench
+from .environment import describe, environment
 from .tolerances import TOLERANCES, rel_l2
 
 NZ = 100
@@ -105,44 +105,6 @@ class Row(NamedTuple):
 
 # ----------------------------------------------------------------------------------------------- environment
 
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    except OSError:
-        names = []
-    return names[0] if names else platform.processor() or platform.machine()
-
-
-def _nvidia_driver(device):
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader",
-                              "-i", str(device.index or 0)], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"unknown (nvidia-smi: {type(exc).__name__})"
-    return out.stdout.strip() or f"unknown (nvidia-smi: {one_line(out.stderr) or 'no output'})"
-
-
-def environment(device):
-    """The device and the versions behind this run."""
-    env = {"device": str(device), "python": platform.python_version(), "torch": torch.__version__,
-           "triton": backends.triton_import_error() and f"does not import: {backends.triton_import_error()}",
-           "numpy": np.__version__, "cuda": torch.version.cuda, "triton_interpreter": backends.interpreter_enabled()}
-    if env["triton"] is None:
-        import triton
-
-        env["triton"] = triton.__version__
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(name=props.name, capability=f"{props.major}.{props.minor}", memory_gib=props.total_memory / 2**30,
-                   multiprocessors=props.multi_processor_count, driver=_nvidia_driver(device),
-                   cudnn=torch.backends.cudnn.version(), tf32_cudnn=torch.backends.cudnn.allow_tf32,
-                   tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
-    else:
-        env.update(name=_cpu_name(), threads=torch.get_num_threads())
-    return env
-
-
 def check_extension():
     """Build the C++/CUDA extension, or find it in the cache: {"status": "compiled" | "cached" | "failed", ...}."""
     start = time.perf_counter()
@@ -174,18 +136,12 @@ def backend_problems(names, device, ext):
 
 
 def environment_lines(env, ext):
-    if env["device"].startswith("cuda"):
-        device = (f"{env['device']}, {env['name']} (sm_{env['capability'].replace('.', '')}, "
-                  f"{env['memory_gib']:.0f} GiB, {env['multiprocessors']} SMs)")
-        versions = f"driver {env['driver']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
+    device, versions = describe(env)
+    settings = []
+    if "tf32_cudnn" in env:
         on = {True: "on", False: "off"}
         settings = [f"TF32:      cuDNN {on[env['tf32_cudnn']]}, matmul {on[env['tf32_matmul']]} (the speed runs so; "
                     "correctness is checked with TF32 off)"]
-    else:
-        device = f"{env['device']}, {env['name']} ({env['threads']} threads)"
-        versions = f"CUDA {env['cuda'] or 'none'} (torch's build), "
-        settings = []
-    versions += f"torch {env['torch']}, triton {env['triton']}, Python {env['python']}, numpy {env['numpy']}"
     if ext["status"] == "not checked":
         built = f"not checked ({ext['reason']})"
     elif ext["status"] == "failed":

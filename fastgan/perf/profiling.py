@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from ..usage import writable_folder
 from . import bench
+from .environment import describe, environment
 
 CATEGORIES = ("conv/GEMM", "BN+elementwise", "loss", "optimizer", "copies", "other")
 STEP_MARK = "fastgan.train_step"
@@ -185,7 +186,7 @@ def add_arguments(parser):
 def run(args):
     device, config, peers, skipped = bench.setup(args)
     writable_folder(args.trace_dir, "--trace-dir")
-    name, versions = bench.environment(device)
+    name, versions = describe(environment(device))
     print(f"fastgan profile {config} on {name}; {versions}; {args.steps} profiled steps after {2 + args.warmup}")
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -1,6 +1,6 @@
 """The GPU check: one command, at most 9 minutes on a fresh GPU machine, builds and compiles included.
 
-    python -m fastgan.perf.gpu_check --out DIR        # from the checkout's root, installed or not
+    python -m benchmarks.gpu_check --out DIR        # from the checkout's root, installed or not
 
 Names the machine (GPU, driver, versions: nvidia-smi under a 5 s timeout, no CUDA context), then runs the
 stages below in order, each in a subprocess under a time limit, from the checkout (on PYTHONPATH, so an
@@ -43,11 +43,8 @@ Stage in STAGES; one whose standard output is a result names its file with ``std
 import argparse
 import dataclasses
 import datetime
-import importlib.metadata
 import importlib.util
 import os
-import platform
-import shutil
 import signal
 import subprocess
 import sys
@@ -58,6 +55,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+from fastgan.perf.environment import describe, environment
 
 GRACE_S = 10  # between SIGINT and SIGKILL
 MIN_S = 5  # a stage left less time than this is skipped
@@ -104,7 +103,7 @@ class StageResult:
     detail: str = ""
 
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout: tests/ is run from here
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: tests/ is run from here
 
 
 def tests_in_order(root):
@@ -171,34 +170,6 @@ STAGES = (
                                           "--junitxml", str(c.logs / "gpu-sanitizer.xml"), "tests/test_cuda_ext.py"]),
     Stage("doctor", 0, lambda c: ["-m", "fastgan", "doctor", "--quick", "--json", str(c.out / "doctor.json")]),
 )
-
-
-def environment():
-    """Lines naming the machine and the versions, without creating a CUDA context."""
-    try:
-        cudnn = torch.backends.cudnn.version()
-    except (RuntimeError, ValueError) as exc:  # a broken CUDA setup: the stages will say more
-        cudnn = f"unknown: {exc}"
-    lines = [f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}, "
-             f"cuDNN {cudnn}), triton {_version('triton')}, numpy {_version('numpy')}, fastgan from {ROOT}"]
-    smi = shutil.which("nvidia-smi")
-    query = "name,compute_cap,memory.total,driver_version,clocks.max.sm,power.limit"
-    try:
-        answer = subprocess.run([smi, f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
-                                text=True, timeout=5) if smi else None
-        gpus = answer.stdout.strip() or answer.stderr.strip() if answer else "not found"
-    except subprocess.TimeoutExpired:
-        gpus = "no answer in 5 s"
-    lines.append(f"nvidia-smi ({query}): {gpus}")
-    lines.append(f"host: {os.cpu_count()} CPUs, {platform.platform()}")
-    return lines
-
-
-def _version(distribution):
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def run_stage(stage, check, deadline):
@@ -288,7 +259,7 @@ def summary(check, machine, results, started):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastgan.perf.gpu_check", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for the result files (created; at most 8 files)")
     parser.add_argument("--dry-run", action="store_true", help="skip the GPU stages even where CUDA is available")
@@ -306,7 +277,8 @@ def main(argv=None):
                   None if torch.cuda.is_available() else "no CUDA device here (torch.cuda.is_available() is False)")
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
-    machine = environment()
+    device, versions = describe(environment())
+    machine = [versions + f", fastgan from {ROOT}", device]
     print("\n".join(machine), flush=True)
     with tempfile.TemporaryDirectory(prefix="fastgan-gpu-check-") as work:
         check = Check(out, Path(work), gpu_reason, env)
