@@ -5,9 +5,9 @@
 - batch_norm_act, forward and forward+backward, at the shape of every fused layer of those steps (G1..G5,
   D1..D4), NCHW and channels_last: the torch composite (backend="torch") against backend="cuda".
 
-One benchmark per case; each of its rounds calls every peer once (several calls for the per-op cases, so
-that a sample is a few milliseconds), the peers' order rotating from round to round, so that the load of a
-shared machine falls on them alike.  extra_info gets each peer's median (ms per call) and ``ratio``, the
+One benchmark per case; each of its rounds calls every peer once (the same number of times in the per-op
+cases, so that a sample lasts a few milliseconds), the peers' order rotating from round to round, so that the
+load of a shared machine falls on them alike.  extra_info gets each peer's median (ms per call) and ``ratio``, the
 eager (or torch) median over the cuda one: above 1 means the extension is faster.  pytest-benchmark's own
 statistics are of a whole round.
 
@@ -44,25 +44,35 @@ def extension_built():
         pytest.skip(problem)
 
 
-def _repeats(fn):
-    """Calls per sample so that one sample lasts about SAMPLE_S."""
-    start = time.perf_counter()
-    fn()
-    return max(1, round(SAMPLE_S / max(time.perf_counter() - start, 1e-7)))
+def _warm_up(peers, full):
+    """WARMUP calls of each peer; then the calls per sample that make the slowest peer's last about SAMPLE_S."""
+    if not full:
+        return 1
+    for _ in range(WARMUP):
+        for fn in peers.values():
+            fn()
+    slowest = 0.0
+    for fn in peers.values():
+        start = time.perf_counter()
+        fn()
+        slowest = max(slowest, time.perf_counter() - start)
+    return max(1, round(SAMPLE_S / slowest))
 
 
 def interleaved(benchmark, peers, rounds, repeats=1):
     """Times ``peers`` ({name: fn}) round robin; returns {name: median ms per call}, also in extra_info."""
     times = {name: [] for name in peers}
     names = list(peers)
+    done = [0]
 
     def one_round():
-        order = names[len(times[names[0]]) % len(names):] + names[:len(times[names[0]]) % len(names)]
-        for name in order:
+        first = done[0] % len(names)
+        for name in names[first:] + names[:first]:
             start = time.perf_counter()
             for _ in range(repeats):
                 peers[name]()
             times[name].append(1e3 * (time.perf_counter() - start) / repeats)
+        done[0] += 1
 
     benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
     medians = {name: float(np.median(t)) for name, t in times.items()}
@@ -82,9 +92,7 @@ def test_train_step(benchmark, full, config):
     peers = {"eager": bench.make_train_step(bench.EAGER, config, CPU),
              "torch": bench.make_train_step(bench.fastgan_peer("torch"), config, CPU),
              "cuda": bench.make_train_step(bench.fastgan_peer("cuda"), config, CPU)}
-    for _ in range(WARMUP if full else 0):
-        for step in peers.values():
-            step()
+    _warm_up(peers, full)
     benchmark.group = f"cpu train_step {config}"
     _report(benchmark, f"train step {config}", interleaved(benchmark, peers, ROUNDS if full else 1), "eager")
 
@@ -121,10 +129,7 @@ def test_batch_norm_act(benchmark, full, config, layer_name, layout, pass_):
     layer = next(layer for layer in bench.fused_layers(config) if layer.name == layer_name)
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     peers = {backend: _op(layer, memory_format, backend, pass_) for backend in ("torch", "cuda")}
-    repeats = max(_repeats(fn) for fn in peers.values()) if full else 1
-    for _ in range(WARMUP if full else 0):
-        for fn in peers.values():
-            fn()
+    repeats = _warm_up(peers, full)
     benchmark.group = f"cpu bn_act {config} {layer.name} {layout} {pass_}"
     benchmark.extra_info.update(shape=list(layer.shape), act=layer.act, normalize=layer.normalize)
     medians = interleaved(benchmark, peers, ROUNDS if full else 1, repeats)
