@@ -34,7 +34,7 @@ Tensor channel_vector(const char* op, const char* name, const Tensor& t, const T
   TORCH_CHECK_TYPE(is_float(t.scalar_type()), op, ": ", name, " must be a float tensor, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == C, op, ": ", name, " must have shape (", C,
                     ",) to match the channels of z (shape ", z.sizes(), "), got ", t.sizes());
-  return t.to(dtype).contiguous();
+  return t.scalar_type() == dtype && t.is_contiguous() ? t : t.to(dtype).contiguous();  // as is: no dispatch
 }
 
 // Same element offsets as z's dense layout (strides of dims of size 1 do not matter).

@@ -6,17 +6,23 @@ channels_last (s_c = 1) without a copy.  Kernels work on [BLOCK_N, BLOCK_L, BLOC
 tiles, with no index division, so Triton sees (and vectorises) the contiguous axis:
 the launcher makes the tile long in l for NCHW and wide in c for channels_last.
 
-Statistics:         partial Welford moments per (batch split, channel) -> finalize
+Statistics:         partial moments (count, mean, M2) per (split, channel) -> finalize
                     (mean, invstd, running-stat update).
 Forward:            y = act(z*scale + shift), from batch or running statistics.
 Backward:           reduce sum(g), sum(g*xhat) per split -> finalize (the per-channel sums, each
                     partial read once) -> apply dz, where g = dy*act'(pre) is recomputed from z;
                     y is never read.
-Without BN the forward and backward are a single elementwise pass.  The elementwise passes run on a
-1-D grid (axes y and z hold at most 65,535 programs); every index is int32, which the launchers check.
+The reductions (Reduction, from reduction()) split each channel block's (n, l) tiles into ranges, enough
+programs for 4 waves of the GPU's SMs where the tensor has the tiles; a program accumulates per lane of
+its tile, in registers, and reduces across the tile once, after its loop.
+Without BN the forward and backward are a single elementwise pass, over flat rows of z's memory when they
+can be (16-byte vectors whatever the channel count).  The elementwise passes run on a 1-D grid (axes y and
+z hold at most 65,535 programs); every index is int32, which the launchers check.
 
 ACT (a constexpr): 0 none, 1 relu, 2 leaky_relu(slope), 3 tanh, as in fastgan.ops.ACTIVATIONS.
 """
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -104,31 +110,59 @@ def _channel_affine(mean_ptr, invstd_ptr, weight_ptr, bias_ptr, cols, col_mask, 
 
 
 @triton.jit
-def _moments_kernel(z_ptr, mean_part_ptr, m2_part_ptr, N, L, C, s_n, s_l, s_c, n_per_split,
-                    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per (split, channel): mean and M2 over samples [split*n_per_split, ...) and all positions, merged
-    tile by tile with Chan's formula."""
+def _split_tiles(L, BLOCK_L: tl.constexpr, tiles_per_split, tiles):
+    """(first, end, l_tiles): this program's split, tiles [first, end) of the `tiles` (n, l) tiles of a channel
+    block, numbered n-block-major: tile t is n-block t // l_tiles, l-block t % l_tiles."""
+    first = tl.program_id(1) * tiles_per_split
+    return first, tl.minimum(first + tiles_per_split, tiles), tl.cdiv(L, BLOCK_L)
+
+
+# tiles_per_split and tiles unspecialised: a value of 1 or a multiple of 16 would compile another variant.
+@triton.jit(do_not_specialize=["tiles_per_split", "tiles"])
+def _moments_kernel(z_ptr, part_ptr, N, L, C, s_n, s_l, s_c, tiles_per_split, tiles,
+                    ACC: tl.constexpr, EVEN: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per (split, channel): count, mean and M2 of the split's tiles.  Each lane of the tile runs Welford over
+    the values it meets (registers only); the lanes merge once, at the end, in the k-way form of Chan's update.
+    EVEN: BLOCK_N divides N and BLOCK_L divides L, so every lane (of a channel < C) meets a value in every tile
+    and one weight serves them all.  part_ptr: (3, splits, C), count, mean, M2."""
     c0 = tl.program_id(0) * BLOCK_C
-    split = tl.program_id(1)
-    n_start = split * n_per_split
-    n_end = tl.minimum(n_start + n_per_split, N)
-    mean = tl.zeros([BLOCK_C], ACC)
-    m2 = tl.zeros([BLOCK_C], ACC)
-    for n0 in range(n_start, n_end, BLOCK_N):
-        n_count = tl.minimum(n_end - n0, BLOCK_N)
-        for l0 in range(0, L, BLOCK_L):
-            offs, mask = _tile(n0, l0, c0, n_end, L, C, s_n, s_l, s_c, BLOCK_N, BLOCK_L, BLOCK_C)
-            x = tl.load(z_ptr + offs, mask=mask, other=0.0).to(ACC)
-            seen = ((n0 - n_start) * L + n_count * l0).to(ACC)
-            count = (n_count * tl.minimum(L - l0, BLOCK_L)).to(ACC)
-            tile_mean = _sum_nl(x) / count
-            d = tl.where(mask, x - _per_channel(tile_mean), 0.0)
-            delta = tile_mean - mean
-            mean += delta * (count / (seen + count))
-            m2 += _sum_nl(d * d) + delta * delta * (seen * count / (seen + count))
+    first, end, l_tiles = _split_tiles(L, BLOCK_L, tiles_per_split, tiles)
+    count = tl.zeros([BLOCK_N, BLOCK_L, BLOCK_C], ACC)
+    mean = tl.zeros([BLOCK_N, BLOCK_L, BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_N, BLOCK_L, BLOCK_C], ACC)
+    for t in range(first, end):
+        offs, mask = _tile(t // l_tiles * BLOCK_N, t % l_tiles * BLOCK_L, c0, N, L, C, s_n, s_l, s_c,
+                           BLOCK_N, BLOCK_L, BLOCK_C)
+        x = tl.load(z_ptr + offs, mask=mask, other=0.0).to(ACC)
+        if EVEN:
+            w = 1.0 / (t - first + 1).to(ACC)
+            d = x - mean
+        else:
+            count += tl.where(mask, 1.0, 0.0)
+            w = 1.0 / tl.maximum(count, 1.0)
+            d = tl.where(mask, x - mean, 0.0)
+        mean += d * w
+        m2 += d * (x - mean)
+    if EVEN:
+        count += (end - first).to(ACC)
+    total = _sum_nl(count)
+    split_mean = _sum_nl(count * mean) / tl.maximum(total, 1.0)
+    dev = mean - _per_channel(split_mean)
+    split_m2 = _sum_nl(m2 + count * dev * dev)
     cols = c0 + tl.arange(0, BLOCK_C)
-    tl.store(mean_part_ptr + split * C + cols, mean, mask=cols < C)
-    tl.store(m2_part_ptr + split * C + cols, m2, mask=cols < C)
+    at = tl.program_id(1) * C + cols
+    splits_c = tl.num_programs(1) * C
+    tl.store(part_ptr + at, total, mask=cols < C)
+    tl.store(part_ptr + splits_c + at, split_mean, mask=cols < C)
+    tl.store(part_ptr + 2 * splits_c + at, split_m2, mask=cols < C)
+
+
+@triton.jit
+def _partials(s0, n_splits, cols, col_mask, C, BLOCK_S: tl.constexpr):
+    """Offsets and mask of the [BLOCK_S, BLOCK_C] (split, channel) partials of splits s0.. and channels cols."""
+    splits = s0 + tl.arange(0, BLOCK_S)
+    return splits[:, None] * C + cols[None, :], (splits < n_splits)[:, None] & col_mask[None, :]
 
 
 @triton.jit
@@ -143,22 +177,25 @@ def update_running_stats(running_mean_ptr, running_var_ptr, cols, col_mask, mean
 
 
 @triton.jit
-def _finalize_kernel(mean_part_ptr, m2_part_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr,
-                     N, L, C, n_per_split, n_splits, momentum, eps,
-                     UPDATE_RUNNING: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Merge the split moments; write mean, invstd (biased var) and update the running stats (unbiased var)."""
+def _finalize_kernel(part_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, M, C, n_splits, momentum,
+                     eps, UPDATE_RUNNING: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Merge the split moments in the k-way form (two passes over the partials, BLOCK_S splits at a time, summed
+    per lane and reduced once); write mean, invstd (biased var) and update the running stats (unbiased var)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    splits = tl.arange(0, BLOCK_S)
-    mask = (splits < n_splits)[:, None] & col_mask[None, :]
-    offs = splits[:, None] * C + cols[None, :]
-    part_mean = tl.load(mean_part_ptr + offs, mask=mask, other=0.0)
-    part_m2 = tl.load(m2_part_ptr + offs, mask=mask, other=0.0)
-    counts = (tl.minimum(tl.maximum(N - splits * n_per_split, 0), n_per_split) * L).to(part_mean.dtype)
-    M = N * L
-    mean = tl.sum(counts[:, None] * part_mean, 0) / M
-    d = tl.where(mask, part_mean - mean[None, :], 0.0)
-    var = tl.sum(part_m2 + counts[:, None] * d * d, 0) / M
+    weighted = tl.zeros([BLOCK_S, BLOCK_C], part_ptr.dtype.element_ty)  # count*mean of each split
+    for s0 in range(0, n_splits, BLOCK_S):
+        offs, mask = _partials(s0, n_splits, cols, col_mask, C, BLOCK_S)
+        weighted += tl.load(part_ptr + offs, mask=mask, other=0.0) * tl.load(part_ptr + n_splits * C + offs,
+                                                                             mask=mask, other=0.0)
+    mean = tl.sum(weighted, 0) / M  # M = N*L, the sum of the counts
+    m2 = tl.zeros([BLOCK_S, BLOCK_C], part_ptr.dtype.element_ty)
+    for s0 in range(0, n_splits, BLOCK_S):
+        offs, mask = _partials(s0, n_splits, cols, col_mask, C, BLOCK_S)
+        count = tl.load(part_ptr + offs, mask=mask, other=0.0)
+        d = tl.where(mask, tl.load(part_ptr + n_splits * C + offs, mask=mask, other=0.0) - mean[None, :], 0.0)
+        m2 += tl.load(part_ptr + 2 * n_splits * C + offs, mask=mask, other=0.0) + count * d * d
+    var = tl.sum(m2, 0) / M
     tl.store(mean_ptr + cols, mean, mask=col_mask)
     tl.store(invstd_ptr + cols, 1.0 / tl.sqrt(var + eps), mask=col_mask)
     if UPDATE_RUNNING:
@@ -183,51 +220,49 @@ def _forward_kernel(z_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, N,
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tiles_per_split", "tiles"])
 def _backward_reduce_kernel(dy_ptr, z_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, sum_g_part_ptr,
-                            sum_gx_part_ptr, N, L, C, s_n, s_l, s_c, g_n, g_l, g_c, slope, n_per_split,
+                            sum_gx_part_ptr, N, L, C, s_n, s_l, s_c, g_n, g_l, g_c, slope, tiles_per_split, tiles,
                             AFFINE: tl.constexpr, ACT: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per (split, channel): sum(g) and sum(g*xhat), g = dy*act'(pre) recomputed from z."""
+    """Per (split, channel): sum(g) and sum(g*xhat), g = dy*act'(pre) recomputed from z, summed per lane over the
+    split's tiles and across the lanes once, at the end."""
     c0 = tl.program_id(0) * BLOCK_C
-    split = tl.program_id(1)
     cols = c0 + tl.arange(0, BLOCK_C)
     mean, invstd, gamma, beta = _channel_affine(mean_ptr, invstd_ptr, weight_ptr, bias_ptr, cols, cols < C, AFFINE)
-    n_start = split * n_per_split
-    n_end = tl.minimum(n_start + n_per_split, N)
-    sum_g = tl.zeros([BLOCK_C], mean.dtype)
-    sum_gx = tl.zeros([BLOCK_C], mean.dtype)
-    for n0 in range(n_start, n_end, BLOCK_N):
-        for l0 in range(0, L, BLOCK_L):
-            offs, mask = _tile(n0, l0, c0, n_end, L, C, s_n, s_l, s_c, BLOCK_N, BLOCK_L, BLOCK_C)
-            g_offs, _ = _tile(n0, l0, c0, n_end, L, C, g_n, g_l, g_c, BLOCK_N, BLOCK_L, BLOCK_C)
-            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(mean.dtype)
-            dy = tl.load(dy_ptr + g_offs, mask=mask, other=0.0).to(mean.dtype)
-            xhat = (z - _per_channel(mean)) * _per_channel(invstd)
-            g = _activation_grad(dy, xhat * _per_channel(gamma) + _per_channel(beta), slope, ACT)
-            g = tl.where(mask, g, 0.0)
-            sum_g += _sum_nl(g)
-            sum_gx += _sum_nl(g * xhat)
-    tl.store(sum_g_part_ptr + split * C + cols, sum_g, mask=cols < C)
-    tl.store(sum_gx_part_ptr + split * C + cols, sum_gx, mask=cols < C)
+    first, end, l_tiles = _split_tiles(L, BLOCK_L, tiles_per_split, tiles)
+    sum_g = tl.zeros([BLOCK_N, BLOCK_L, BLOCK_C], mean.dtype)
+    sum_gx = tl.zeros([BLOCK_N, BLOCK_L, BLOCK_C], mean.dtype)
+    for t in range(first, end):
+        n0, l0 = t // l_tiles * BLOCK_N, t % l_tiles * BLOCK_L
+        offs, mask = _tile(n0, l0, c0, N, L, C, s_n, s_l, s_c, BLOCK_N, BLOCK_L, BLOCK_C)
+        g_offs, _ = _tile(n0, l0, c0, N, L, C, g_n, g_l, g_c, BLOCK_N, BLOCK_L, BLOCK_C)
+        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(mean.dtype)
+        dy = tl.load(dy_ptr + g_offs, mask=mask, other=0.0).to(mean.dtype)
+        xhat = (z - _per_channel(mean)) * _per_channel(invstd)
+        g = _activation_grad(dy, xhat * _per_channel(gamma) + _per_channel(beta), slope, ACT)
+        g = tl.where(mask, g, 0.0)
+        sum_g += g
+        sum_gx += g * xhat
+    tl.store(sum_g_part_ptr + tl.program_id(1) * C + cols, _sum_nl(sum_g), mask=cols < C)
+    tl.store(sum_gx_part_ptr + tl.program_id(1) * C + cols, _sum_nl(sum_gx), mask=cols < C)
 
 
 @triton.jit
 def _backward_finalize_kernel(sum_g_part_ptr, sum_gx_part_ptr, sum_g_ptr, sum_gx_ptr, C, n_splits,
                               BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """sum(g) and sum(g*xhat) per channel from the split partials, each partial read once."""
+    """sum(g) and sum(g*xhat) per channel from the split partials, each partial read once (BLOCK_S splits at a time,
+    summed per lane and reduced once)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    sum_g = tl.zeros([BLOCK_C], sum_g_ptr.dtype.element_ty)
-    sum_gx = tl.zeros([BLOCK_C], sum_gx_ptr.dtype.element_ty)
+    sum_g = tl.zeros([BLOCK_S, BLOCK_C], sum_g_ptr.dtype.element_ty)
+    sum_gx = tl.zeros([BLOCK_S, BLOCK_C], sum_gx_ptr.dtype.element_ty)
     for s0 in range(0, n_splits, BLOCK_S):
-        splits = s0 + tl.arange(0, BLOCK_S)
-        offs = splits[:, None] * C + cols[None, :]
-        mask = (splits < n_splits)[:, None] & col_mask[None, :]
-        sum_g += tl.sum(tl.load(sum_g_part_ptr + offs, mask=mask, other=0.0), 0)
-        sum_gx += tl.sum(tl.load(sum_gx_part_ptr + offs, mask=mask, other=0.0), 0)
-    tl.store(sum_g_ptr + cols, sum_g, mask=col_mask)
-    tl.store(sum_gx_ptr + cols, sum_gx, mask=col_mask)
+        offs, mask = _partials(s0, n_splits, cols, col_mask, C, BLOCK_S)
+        sum_g += tl.load(sum_g_part_ptr + offs, mask=mask, other=0.0)
+        sum_gx += tl.load(sum_gx_part_ptr + offs, mask=mask, other=0.0)
+    tl.store(sum_g_ptr + cols, tl.sum(sum_g, 0), mask=col_mask)
+    tl.store(sum_gx_ptr + cols, tl.sum(sum_gx, 0), mask=col_mask)
 
 
 @triton.jit
@@ -262,8 +297,10 @@ def _backward_kernel(dy_ptr, z_ptr, dz_ptr, mean_ptr, invstd_ptr, weight_ptr, bi
 
 # ----------------------------------------------------------------------------- launch helpers
 
-MAX_SPLITS = 128
+MAX_SPLITS = 1024  # of a reduction's (n, l) tiles, per channel block
 TILE = 2048  # elements per tile
+FINALIZE_SPLITS = 32  # partials a finalize program loads at a time (BLOCK_S), whatever the split count
+FLAT_ROW = 256  # elements per row when a pass without BN views z as flat rows
 
 
 def _acc_dtype(tensor):
@@ -282,6 +319,18 @@ def _nlc(t):
     gradients; a copy only for layouts whose spatial dims do not merge."""
     rows = t.unsqueeze(2) if t.dim() == 2 else t.flatten(2)
     return rows, (rows.stride(0), rows.stride(2), rows.stride(1))
+
+
+def _flat(t):
+    """Dense t's elements in memory order as (N, C, L) = (numel / FLAT_ROW, 1, FLAT_ROW) rows, with the strides
+    (s_n, s_l, s_c), as _nlc gives them: how a pass without BN (no channels) reads 16-byte vectors whatever the
+    channel count."""
+    return t.as_strided((t.numel() // FLAT_ROW, 1, FLAT_ROW), (FLAT_ROW, FLAT_ROW, 1)), (FLAT_ROW, 1, FLAT_ROW)
+
+
+def _can_flatten(z, dy=None):
+    """Whether _flat applies to dense z (and dy): a positive multiple of FLAT_ROW elements, dy with z's strides."""
+    return z.numel() > 0 and z.numel() % FLAT_ROW == 0 and (dy is None or dy.stride() == z.stride())
 
 
 def _tiles(N, L, C, s_c):
@@ -303,11 +352,29 @@ def _target_programs(device):
     return 4 if limits is None else 4 * limits.sms  # the interpreter runs programs one at a time
 
 
-def _splits(N, C, block_n, block_c, device):
-    """(n_splits, n_per_split): the batch split of the reductions, so that the grid fills the device."""
-    wanted = max(1, min(MAX_SPLITS, triton.cdiv(N, block_n), _target_programs(device) // triton.cdiv(C, block_c)))
-    n_per_split = triton.cdiv(triton.cdiv(N, wanted), block_n) * block_n
-    return triton.cdiv(N, n_per_split), n_per_split
+class Reduction(NamedTuple):
+    """The plan of a reduction over z's (n, l) positions: programs (channel block, split), each split a range
+    of tiles_per_split consecutive tiles of the channel block's `tiles` (n, l) tiles."""
+    blocks: tuple  # (BLOCK_N, BLOCK_L, BLOCK_C)
+    tiles: int
+    tiles_per_split: int
+    splits: int
+    channel_blocks: int
+
+    @property
+    def grid(self):
+        return self.channel_blocks, self.splits
+
+
+def reduction(N, L, C, s_c, device):
+    """The Reduction of z (N, C, L) with channel stride s_c on ``device``: as many splits as make
+    _target_programs(device) programs (4 waves of a GPU's SMs) where there are tiles enough, MAX_SPLITS at most."""
+    block_n, block_l, block_c = _tiles(N, L, C, s_c)
+    tiles = triton.cdiv(N, block_n) * triton.cdiv(L, block_l)
+    channel_blocks = triton.cdiv(C, block_c)
+    wanted = max(1, min(MAX_SPLITS, tiles, triton.cdiv(_target_programs(device), channel_blocks)))
+    per_split = triton.cdiv(tiles, wanted)
+    return Reduction((block_n, block_l, block_c), tiles, per_split, triton.cdiv(tiles, per_split), channel_blocks)
 
 
 def _geometry(z):
@@ -328,21 +395,20 @@ def channel_stats(z, running_mean, running_var, momentum, eps):
     N, L, C = _geometry(z)
     z = _dense(z)
     z, strides = _nlc(z)
-    block_n, block_l, block_c = _tiles(N, L, C, strides[2])
-    n_splits, n_per_split = _splits(N, C, block_n, block_c, z.device)
-    mean_part = outputs.empty((n_splits, C), device=z.device, dtype=_stat_dtype(z))
-    m2_part = outputs.empty_like(mean_part)
-    _moments_kernel[(triton.cdiv(C, block_c), n_splits)](
-        z, mean_part, m2_part, N, L, C, *strides, n_per_split,
-        ACC=_acc_dtype(z), BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_C=block_c)
+    plan = reduction(N, L, C, strides[2], z.device)
+    block_n, block_l, block_c = plan.blocks
+    part = outputs.empty((3, plan.splits, C), device=z.device, dtype=_stat_dtype(z))  # count, mean, M2
+    _moments_kernel[plan.grid](
+        z, part, N, L, C, *strides, plan.tiles_per_split, plan.tiles,
+        ACC=_acc_dtype(z), EVEN=N % block_n == 0 and L % block_l == 0, BLOCK_N=block_n, BLOCK_L=block_l,
+        BLOCK_C=block_c)
     mean = outputs.empty((C,), device=z.device, dtype=_stat_dtype(z))
     invstd = outputs.empty_like(mean)
     update = running_mean is not None
-    # BLOCK_S covers any split count (a masked tile), so that the layers of a model share one compiled finalize.
     _finalize_kernel[(triton.cdiv(C, 16),)](
-        mean_part, m2_part, mean, invstd, running_mean if update else mean, running_var if update else invstd,
-        N, L, C, n_per_split, n_splits, momentum, eps,
-        UPDATE_RUNNING=update, BLOCK_S=MAX_SPLITS, BLOCK_C=16)
+        part, mean, invstd, running_mean if update else mean, running_var if update else invstd,
+        N * L, C, plan.splits, momentum, eps,
+        UPDATE_RUNNING=update, BLOCK_S=FINALIZE_SPLITS, BLOCK_C=16)
     return mean, invstd
 
 
@@ -356,9 +422,12 @@ def bn_act_forward(z, mean, invstd, weight, bias, act, slope):
     N, L, C = _geometry(z)
     z = _dense(z)
     y = outputs.empty_like(z)
-    (z, strides), (y_rows, _) = _nlc(z), _nlc(y)
-    blocks = _tiles(N, L, C, strides[2])
     normalize, affine = mean is not None, weight is not None
+    view = _nlc
+    if not normalize and _can_flatten(z):
+        N, L, C, view = z.numel() // FLAT_ROW, FLAT_ROW, 1, _flat
+    (z, strides), (y_rows, _) = view(z), view(y)
+    blocks = _tiles(N, L, C, strides[2])
     dummy = z
     _forward_kernel[_elementwise_grid(N, L, C, *blocks)](
         z, y_rows, mean if normalize else dummy, invstd if normalize else dummy, weight if affine else dummy,
@@ -376,27 +445,30 @@ def bn_act_backward(dy, z, mean, invstd, weight, bias, batch_stats, act, slope):
     once per channel (into dbias, dweight), and the elementwise pass reads those (C,) sums."""
     N, L, C = _geometry(z)
     outputs.check_int32("bn_act", "dy", dy)
-    dy, dy_strides = _nlc(dy)
     z = _dense(z)
     dz = outputs.empty_like(z)
-    (z, strides), (dz_rows, _) = _nlc(z), _nlc(dz)
-    block_n, block_l, block_c = _tiles(N, L, C, strides[2])
     normalize, affine = mean is not None, weight is not None
+    view = _nlc
+    if not normalize and _can_flatten(z, dy):
+        N, L, C, view = z.numel() // FLAT_ROW, FLAT_ROW, 1, _flat
+    (dy, dy_strides), (z, strides), (dz_rows, _) = view(dy), view(z), view(dz)
+    block_n, block_l, block_c = _tiles(N, L, C, strides[2])
     stat_dtype = mean.dtype if normalize else _stat_dtype(z)
     dummy = z
     sum_g = sum_gx = dummy
     if normalize and (batch_stats or affine):
-        n_splits, n_per_split = _splits(N, C, block_n, block_c, z.device)
+        plan = reduction(N, L, C, strides[2], z.device)
         sum_g, sum_gx = (outputs.empty((C,), device=z.device, dtype=stat_dtype) for _ in range(2))
         parts = (sum_g, sum_gx)  # one split: the reduce writes the sums themselves
-        if n_splits > 1:
-            parts = tuple(outputs.empty((n_splits, C), device=z.device, dtype=stat_dtype) for _ in range(2))
-        _backward_reduce_kernel[(triton.cdiv(C, block_c), n_splits)](
+        if plan.splits > 1:
+            parts = tuple(outputs.empty((plan.splits, C), device=z.device, dtype=stat_dtype) for _ in range(2))
+        _backward_reduce_kernel[plan.grid](
             dy, z, mean, invstd, weight if affine else dummy, bias if affine else dummy, *parts,
-            N, L, C, *strides, *dy_strides, slope, n_per_split,
+            N, L, C, *strides, *dy_strides, slope, plan.tiles_per_split, plan.tiles,
             AFFINE=affine, ACT=act, BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_C=block_c)
-        if n_splits > 1:
-            _backward_finalize_kernel[(triton.cdiv(C, 64),)](*parts, sum_g, sum_gx, C, n_splits, BLOCK_S=32, BLOCK_C=64)
+        if plan.splits > 1:
+            _backward_finalize_kernel[(triton.cdiv(C, 64),)](*parts, sum_g, sum_gx, C, plan.splits,
+                                                               BLOCK_S=FINALIZE_SPLITS, BLOCK_C=64)
     _backward_kernel[_elementwise_grid(N, L, C, block_n, block_l, block_c)](
         dy, z, dz_rows, mean if normalize else dummy, invstd if normalize else dummy, weight if affine else dummy,
         bias if affine else dummy, sum_g, sum_gx, N, L, C, *strides, *dy_strides, slope,

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from fastgan.ops.functional import batch_norm_act
-from parity import DEVICES, HAS_CUDA, assert_close, needs_backend_here, needs_triton_here
+from fastgan.perf import bench
+from parity import DEVICES, HAS_CUDA, HAS_TRITON, assert_close, needs_backend_here, needs_triton_here
 
 ACTS = [("relu", 0.0), ("leaky_relu", 0.2), ("tanh", 0.0), ("none", 0.0)]
 
@@ -90,18 +91,38 @@ def test_many_splits(device, channels_last):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_more_splits_than_one_finalize_chunk(channels_last, monkeypatch):
-    """40 batch splits: the backward finalize sums its partials in two chunks (of 32); small tiles and a large
-    device make the launchers split that finely."""
+    """More splits than a finalize program loads at once: both finalizes merge their partials over several chunks;
+    small tiles and a large device make the launchers split that finely, with a short last split."""
     needs_triton_here("cpu")
     from fastgan.kernels import bn_act
 
     monkeypatch.setattr(bn_act, "TILE", 16)
-    monkeypatch.setattr(bn_act, "_target_programs", lambda device: 1024)
-    z, params, dy = _case((40, 3, 4, 4), torch.float32, "cpu", channels_last, affine=True, normalize=True)
-    N, L, C = 40, 16, 3
-    block_n, _, block_c = bn_act._tiles(N, L, C, 1 if channels_last else L)
-    assert bn_act._splits(N, C, block_n, block_c, z.device)[0] == 40
+    monkeypatch.setattr(bn_act, "_target_programs", lambda device: 100)
+    z, params, dy = _case((67, 3, 5, 3), torch.float32, "cpu", channels_last, affine=True, normalize=True)
+    plan = bn_act.reduction(67, 15, 3, 1 if channels_last else 15, z.device)
+    assert plan.splits > bn_act.FINALIZE_SPLITS and plan.tiles % plan.tiles_per_split != 0, plan
     _compare(z, params, dy, "fp32", normalize=True, batch_stats=True, act="tanh", slope=0.0)
+
+
+@pytest.mark.parametrize("width", [64, 128])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_reductions_fill_an_h100_twice(width, channels_last, monkeypatch):
+    """The statistics and backward reductions of every BN layer of a batch-128 DCGAN step (G and D, ngf = ndf =
+    width) launch at least two waves of programs on a 132-SM sm_90 GPU, as the launchers plan them (the plan
+    depends on the shape and layout, not on the dtype)."""
+    if not HAS_TRITON:
+        pytest.skip("triton does not import")
+    from fastgan.kernels import bn_act, tiling
+
+    monkeypatch.setattr(tiling, "device_of", lambda device: tiling.SM90)
+    layers = [layer for layer in bench.fused_layers(bench.Config(128, width, width)) if layer.normalize]
+    assert len(layers) == 7
+    for layer in layers:
+        N, C, H, W = layer.shape
+        plan = bn_act.reduction(N, H * W, C, 1 if channels_last else H * W, torch.device("cuda"))
+        programs = plan.grid[0] * plan.grid[1]
+        assert programs >= 2 * tiling.SM90.sms, (layer, plan)
+        assert plan.tiles_per_split * plan.splits >= plan.tiles > plan.tiles_per_split * (plan.splits - 1), plan
 
 
 @pytest.mark.interpreter
@@ -111,6 +132,23 @@ def test_activation_only(device, act, slope):
     needs_triton_here(device)
     z, params, dy = _case((2, 3, 9, 8), torch.float32, device, False, affine=False, normalize=False)
     _compare(z, params, dy, "fp32", normalize=False, batch_stats=False, act=act, slope=slope)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_activation_only_on_flat_rows(device, channels_last):
+    """Without BN the passes read z in memory order, FLAT_ROW elements a row (3 channels: no 16-byte vectors
+    along C), the last tile short; dy in another layout than z takes the per-channel view instead."""
+    needs_triton_here(device)
+    from fastgan.kernels import bn_act
+
+    z, params, dy = _case((4, 3, 16, 20), torch.float32, device, channels_last, affine=False, normalize=False)
+    assert bn_act._can_flatten(z, dy.contiguous(memory_format=torch.channels_last if channels_last else
+                                                torch.contiguous_format))
+    for grad in (dy.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format),
+                 dy.contiguous(memory_format=torch.contiguous_format if channels_last else torch.channels_last)):
+        _compare(z, params, grad, "fp32", normalize=False, batch_stats=False, act="tanh", slope=0.0)
 
 
 @pytest.mark.interpreter

@@ -240,6 +240,61 @@ def test_gradient_layouts(device):
         _compare_cuda(z, params, dy, "fp32", normalize=True, batch_stats=True, act="leaky_relu", slope=0.2)
 
 
+# C (channels_last) or H*W (NCHW) off the vector width, under it, several vectors plus a short one, and enough
+# rows per channel for several reduction splits (4096 rows of a channel in NCHW, 4096/C rows in channels_last).
+CPU_VECTOR_SHAPES = [((5, 13, 3, 7), True), ((5, 13, 3, 7), False), ((4, 3, 5, 5), True), ((2, 16, 4, 4), False),
+                     ((9, 24, 23, 21), True), ((9, 5, 23, 21), False), ((40, 9), False)]
+
+
+@pytest.mark.parametrize("shape,channels_last", CPU_VECTOR_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("act,slope", [("leaky_relu", 0.2), ("tanh", 0.0)])
+def test_cpu_vector_tails_and_splits(shape, channels_last, dtype, act, slope):
+    """The CPU kernels' vectors end at each row (an (n, c) plane, or a position's channels): short last vectors,
+    rows shorter than a vector, and several reduction splits, against the reference."""
+    z, params, dy = _case(shape, dtype, "cpu", channels_last, affine=True, normalize=True)
+    if dtype == torch.float64:
+        params = {k: v.double() for k, v in params.items()}
+    mode = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp32"}[dtype]
+    _compare_cuda(z, params, dy, mode, normalize=True, batch_stats=True, act=act, slope=slope)
+    no_bn = dict.fromkeys(params)
+    _compare_cuda(z, no_bn, dy, mode, normalize=False, batch_stats=False, act=act, slope=slope)
+
+
+@pytest.mark.parametrize("shape,channels_last", [((16, 13, 29, 31), True), ((16, 5, 29, 31), False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_results_do_not_depend_on_the_thread_count(shape, channels_last, dtype):
+    """One thread and two give the same bits: the reductions' splits and the vectors are fixed by the shape, and
+    the splits merge in order (shapes above the kernels' grain, so that two threads do split the work)."""
+    z, params, dy = _case(shape, dtype, "cpu", channels_last, affine=True, normalize=True)
+    kwargs = dict(normalize=True, batch_stats=True, act="leaky_relu", slope=0.2, backend="cuda")
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(_run(lambda z, **p: batch_norm_act(z, **p, **kwargs), z, params, dy))
+    finally:
+        torch.set_num_threads(threads)
+    assert results[0].keys() == results[1].keys() and "running_var" in results[0]
+    for key in results[0]:
+        assert torch.equal(results[0][key], results[1][key]), key
+
+
+def test_cpu_flags_follow_the_cpu_and_key_the_cache(monkeypatch):
+    """AVX2 code where ATen's own kernels run AVX2 or AVX512, portable code elsewhere, each in its own cache
+    folder (a cache shared by two machines must not hand AVX2 code to a CPU without it)."""
+    folders = {}
+    for capability in ("DEFAULT", "AVX2", "AVX512"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        flags = ext_build.cpu_flags()
+        x86 = ext_build.platform.machine().lower() in ("x86_64", "amd64")
+        assert ("-mavx2" in flags) == (x86 and capability != "DEFAULT"), (capability, flags)
+        folders[capability] = ext_build._plan().directory
+    if ext_build.platform.machine().lower() in ("x86_64", "amd64"):
+        assert folders["DEFAULT"] != folders["AVX2"] == folders["AVX512"]
+
+
 def test_double_backward_raises_a_clear_error():
     z = torch.randn(2, 3, 4, 4, requires_grad=True)
     y = batch_norm_act(z, act="relu", backend="cuda")

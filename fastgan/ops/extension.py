@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -35,6 +36,8 @@ CPU_SOURCES = ("fastgan_ext.h", "ops.cpp", "bn_act.cpp", "sigmoid_bce.cpp")
 CUDA_SOURCES = ("bn_act.cu", "sigmoid_bce.cu")
 DEFAULT_ARCHS = ("9.0",)
 CFLAGS = ["-O3", "-fopenmp"]
+# at::vec's AVX2 code for the CPU kernels (csrc/bn_act.cpp), where ATen's own kernels run AVX2 or AVX512 here
+AVX2_CFLAGS = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 LDFLAGS = ["-fopenmp"]
 CUDA_CFLAGS = ["-O3", "-lineinfo"]
 ERROR_LINES = 15
@@ -87,6 +90,14 @@ def cuda_arch_list():
     return ";".join(archs)
 
 
+def cpu_flags():
+    """CFLAGS for this CPU: AVX2 code where ATen's kernels use AVX2 or AVX512 (ATEN_CPU_CAPABILITY=default
+    turns it off), else at::vec's portable code.  They are part of the cache key, so a cache shared with a CPU
+    without AVX2 keeps the two builds apart."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return CFLAGS + (AVX2_CFLAGS if x86 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else [])
+
+
 def _toolkit_release(home):
     out = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True).stdout
     match = re.search(r"release (\d+\.\d+)", out)
@@ -135,6 +146,7 @@ class _Plan:
     sources: dict            # file name -> contents
     cuda_home: str           # "" without the CUDA part
     cuda_archs: str          # "9.0;8.0", or ""
+    cflags: tuple            # the C++ compiler's flags (cpu_flags())
     no_cuda_reason: str
     include_dirs: tuple
 
@@ -148,14 +160,15 @@ def _plan():
         with open(os.path.join(src, name), "rb") as f:
             sources[name] = f.read()
     archs = cuda_arch_list() if cuda_home else ""
+    cflags = cpu_flags()
     key = hashlib.sha256()
     for name in names:
         key.update(name.encode() + b"\0" + sources[name] + b"\0")
     key.update(repr((torch.__version__, torch.version.cuda, sys.version_info[:2], cuda_home and release_or_reason,
-                     archs, CFLAGS, LDFLAGS, CUDA_CFLAGS)).encode())
+                     archs, cflags, LDFLAGS, CUDA_CFLAGS)).encode())
     folder = f"{NAME}-{'cuda' if cuda_home else 'cpu'}-{key.hexdigest()[:16]}"
     return _Plan(directory=os.path.join(cache_dir(), folder), sources=sources, cuda_home=cuda_home or "",
-                 cuda_archs=archs, no_cuda_reason="" if cuda_home else release_or_reason,
+                 cuda_archs=archs, cflags=tuple(cflags), no_cuda_reason="" if cuda_home else release_or_reason,
                  include_dirs=tuple(_wheel_cuda_includes(cuda_home)) if cuda_home else ())
 
 
@@ -180,7 +193,8 @@ def _compile(plan, staging, verbose):
         with open(os.path.join(src, name), "wb") as f:
             f.write(text)
     job = dict(build_dir=staging, include_dirs=[src, *plan.include_dirs], cuda=bool(plan.cuda_home),
-               sources=[os.path.join(src, n) for n in plan.sources if n.endswith((".cpp", ".cu"))], verbose=verbose)
+               sources=[os.path.join(src, n) for n in plan.sources if n.endswith((".cpp", ".cu"))], verbose=verbose,
+               cflags=list(plan.cflags))
     # pip's ninja lies beside the interpreter, which is not on PATH when a venv's python runs unactivated
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(_PACKAGE), os.environ.get("PYTHONPATH", "")]),
                PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
@@ -318,7 +332,7 @@ def compile_job():
 
     job = json.loads(sys.argv[1])
     try:
-        cpp_extension.load(name=NAME, sources=job["sources"], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+        cpp_extension.load(name=NAME, sources=job["sources"], extra_cflags=job["cflags"], extra_ldflags=LDFLAGS,
                            extra_cuda_cflags=CUDA_CFLAGS, extra_include_paths=job["include_dirs"],
                            build_directory=job["build_dir"], with_cuda=job["cuda"], is_python_module=False,
                            verbose=job["verbose"])
