@@ -4,15 +4,8 @@
     gan = fastgan.DCGAN(backend="auto").cuda()        # or fastgan.Generator / fastgan.Discriminator
     model = fastgan.fuse(my_sequential_model)          # fuse conv -> BN -> act in your own model
 
-The package is layered, each layer importing only the ones below it:
-
-    fastgan.cli       python -m fastgan: train, sample, interpolate, demo, build-ext (and bench, profile)
-    fastgan.perf      FLOPs, benchmarks, profiles, the doctor, the one-call GPU check
-    fastgan.nn        modules: fused layers, models, losses, presets, the reference, the L3 step, DDP
-    fastgan.ops       the op contract, backends, dispatch, the extension's build, the L2 conv chain
-    fastgan.kernels   Triton kernels (kernels/ in the source tree); the C++/CUDA sources are in csrc/
-
-fastgan.usage (UsageError and argparse checks) sits below them all.
+The public names are below; the layers (cli -> perf -> nn -> ops -> kernels) and their modules are in
+docs/design.md section 2.
 """
 from .nn import fused_conv, losses, presets, reference
 from .nn.checkpoint import load_checkpoint, strip_module_prefix
