@@ -69,11 +69,10 @@ def cache_dir():
 
 
 def csrc_dir():
-    """csrc/ shipped inside the package, else beside it in a source checkout."""
-    package = _PACKAGE
-    for candidate in (os.path.join(package, "csrc"), os.path.join(os.path.dirname(package), "csrc")):
-        if os.path.isfile(os.path.join(candidate, "ops.cpp")):
-            return candidate
+    """fastgan/csrc: the sources in a wheel, a link to the checkout's csrc/ otherwise."""
+    folder = os.path.join(_PACKAGE, "csrc")
+    if os.path.isfile(os.path.join(folder, "ops.cpp")):
+        return folder
     raise BuildError("the C++/CUDA sources (csrc/) are not installed with fastgan; install fastgan from a source "
                      "checkout (pip install -e .), or use backend='triton' or 'torch'")
 
