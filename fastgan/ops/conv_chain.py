@@ -222,12 +222,16 @@ class ConvChain(torch.autograd.Function):
         z, zs, stats = conv_chain(x, list(weights), list(gammas), list(betas), running_means, running_vars, layout,
                                   scalars, allow_tf32)
         ctx.mark_non_differentiable(zs, stats)
+        # zs and stats take no gradient: autograd passes None for them instead of zero tensors of their size.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, zs, stats, *weights, *gammas)
         ctx.config = (n_weights, layout, scalars, allow_tf32)
         return z, zs, stats
 
     @staticmethod
     def backward(ctx, dz, _dzs, _dstats):
+        if dz is None:  # grads are not materialised: z took none either
+            return (None,) * len(ctx.needs_input_grad)
         n_weights, layout, scalars, allow_tf32 = ctx.config
         x, zs, stats, *params = ctx.saved_tensors
         need_x, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[8:]
