@@ -1,6 +1,6 @@
 """Reading sm_90 SASS (the text of `cuobjdump -sass`) for the static efficiency check of tests/sm90.py.
 
-The method (docs/design.md, "Static sm_90 checks"): a GEMM's main loop is the backward branch that encloses
+The method (docs/design.md, "Static efficiency, from the SASS"): a GEMM's main loop is the backward branch that encloses
 its MMA instructions; its SASS instructions per warp per K-step, times the warps of a CTA over the SM's 4
 schedulers, are the cycles the CTA needs to issue a K-step, against the cycles its tensor cores need for the
 K-step's multiply-adds.  A reduction's loop is the backward branch that encloses the most global loads; a block

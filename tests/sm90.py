@@ -1,7 +1,7 @@
 """The static sm_90 check (docs/design.md section 9): which Triton kernel variants fastgan's launchers pick for
 a DCGAN train step at the real shapes, and what each costs compiled for sm_90, without a GPU.
 
-    python tests/sm90.py [--all] [--json PATH] [--markdown]
+    python tests/sm90.py [--all] [--json PATH] [--markdown] [--efficiency [--write-results]]
 
 Recording: fastgan.DCGAN's train step (L1, and L2 via fastgan.set_level) runs on fake tensors (torch's
 FakeTensorMode) with the launchers' device queries answering for a 132-SM sm_90 GPU (kernels.tiling.SM90).
@@ -19,6 +19,10 @@ cached by variant in .cache/sm90/ (and triton's own cache in .cache/sm90/triton)
 changed.  By default the representatives are compiled (see :func:`representatives`: every config meets every
 dtype family, at its heaviest variant) and every variant of the fp64 gradcheck chain; --all compiles every
 variant, --cold-start the default variants of the steps named.
+
+Efficiency: every default launch of L2's GEMMs and L1's reductions in EFFICIENCY_STEPS is compiled too and
+read from its SASS (tests/sass.py): MMA kind, instructions per K-step, issue vs MMA cycles, load widths, waves,
+spills, FLOP share (see :func:`efficiency`); --efficiency prints the tables.
 
 Must run without TRITON_INTERPRET (jitted kernels, not interpreted ones); tests/test_sm90_resources.py
 starts it in a subprocess and checks what it finds.
@@ -588,6 +592,10 @@ def _step_short(name):
     return f"{width.split('=')[-1]} {mode} {'CL' if layout == 'channels_last' else 'NCHW'}"
 
 
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
 def _loads(loop):
     return " ".join(f"{w}x{n}" for w, n in sorted((loop or {}).get("loads", {}).items(), key=lambda kv: kv[0]))
 
@@ -604,13 +612,12 @@ def efficiency_markdown(result):
             continue
         if r["level"] != "L2":
             continue
-        fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
         lines.append(
             f"| {_step_short(r['step'])} | {r['label']} ({r['launches']}) | {'x'.join(map(str, r['block']))}, "
-            f"{r['warps']}, {r['stages']} | {r['mma']} {r['mma_shape']} | {fmt(r['per_k_step'], '.0f')} | "
-            f"{fmt(r['issue_cycles'], '.0f')} : {r['mma_cycles']:.0f} | {_loads(r['loop'])} | {r['contiguous']} | "
+            f"{r['warps']}, {r['stages']} | {r['mma']} {r['mma_shape']} | {_fmt(r['per_k_step'], '.0f')} | "
+            f"{_fmt(r['issue_cycles'], '.0f')} : {r['mma_cycles']:.0f} | {_loads(r['loop'])} | {r['contiguous']} | "
             f"{r['programs']} ({r['ctas_per_sm']}) | {r['waves']:.2f} | {r['spills']} | {100 * r['share']:.1f}% | "
-            f"{fmt(r['estimate_us'], '.1f')} | {'; '.join(r['missed'].values()) or 'ok'} |")
+            f"{_fmt(r['estimate_us'], '.1f')} | {'; '.join(r['missed'].values()) or 'ok'} |")
     lines += ["", "| ngf, dtype, layout | kernel | problem (identical ones: n) | block NxLxC, warps | programs "
               "(CTAs/SM) | waves of 132 SMs | tiles/program | instr./iteration | loads in loop (bits x n) "
               "| block syncs in loop | misses |", "|" + "---|" * 11]
@@ -641,15 +648,16 @@ Produced by `python tests/sm90.py --efficiency --write-results`; `tests/test_sm9
 targets of issue 18 in CI.  Every default launch of L2's GEMMs (`_conv_kernel`, `_wgrad_kernel`) in a DCGAN
 train step at B = 128, 64x64, ngf = ndf = 64 and 128, bf16 autocast channels_last and TF32 NCHW, and of L1's BN
 reductions (`_moments_kernel`, `_backward_reduce_kernel`) in the same steps at L1, read from `cuobjdump -sass`
-of the compiled cubin (tests/sass.py reads it; docs/design.md, "Static sm_90 checks", gives the method).  The main loop is
-the backward branch enclosing the most MMA instructions (a reduction's: the most global loads); instr./K-step
-is its SASS instructions per warp over the K-steps one iteration covers.  Issue cycles = instr./K-step x warps
-/ 4 schedulers; MMA cycles = BLOCK_M x BLOCK_N x BLOCK_K / 2048 (bf16) or / 1024 (TF32) per SM and clock.
-Waves = programs / (132 SMs x CTAs per SM).  FLOP share: of all the step's GEMM launches, the row's identical
-launches together.  est. us: the busiest SM's programs x K-steps x max(issue, MMA cycles) at 1.83 GHz, a lower
-bound (no memory latency).  Targets: HGMMA/HMMA; issue <= MMA cycles where the share is >= 5%; >= 1 wave;
-no spills; end layers (3 or 1 channels, the 100-d noise) <= 20 us; reductions >= 2 waves of 132 SMs with no
-barrier or shuffle (block reduction) inside the loop.  "misses" names each target missed.
+of the compiled cubin by tests/sass.py (docs/design.md, "Static efficiency, from the SASS", has the method).
+The main loop is the backward branch enclosing the most MMA instructions (a reduction's: the most global
+loads); instr./K-step is its SASS instructions per warp over the K-steps one iteration covers.  Issue
+cycles = instr./K-step x warps / 4 schedulers; MMA cycles = BLOCK_M x BLOCK_N x BLOCK_K / 2048 (bf16) or
+/ 1024 (TF32) per SM and clock.  Waves = programs / (132 SMs x CTAs per SM).  FLOP share: of all the step's
+GEMM launches, the row's identical launches together.  est. us: the busiest SM's programs x K-steps x
+max(issue, MMA cycles) at 1.83 GHz, a lower bound (no memory latency).  Targets: HGMMA/HMMA; issue <= MMA
+cycles where the share is >= 5%; >= 1 wave; no spills; end layers (3 or 1 channels, the 100-d noise)
+<= 20 us; reductions >= 2 waves of 132 SMs with no barrier or shuffle (block reduction) inside the loop.
+"misses" names each target missed.
 
 {efficiency_markdown(result)}"""
 
