@@ -376,3 +376,22 @@ def test_chain_bf16_autocast_gpu():
     assert all(v.dtype == torch.float32 for k, v in got.items() if k.endswith(".grad"))
     for key, value in exact.items():
         assert_as_close_as_torch(got[key], torch_bf16[key], value, "bf16", key)
+
+
+def test_chain_backward_gets_no_zero_gradients(monkeypatch):
+    """zs and stats (the saved activations and statistics) take no gradient: ConvChain's backward receives None
+    for them, not zero tensors of their size that autograd would allocate and fill every step, and the
+    gradients stay right."""
+    needs_triton_here("cpu")
+    seen = []
+    backward = conv_chain.ConvChain.backward
+
+    def spy(ctx, dz, dzs, dstats):
+        seen.append((dz, dzs, dstats))
+        return backward(ctx, dz, dzs, dstats)
+
+    monkeypatch.setattr(conv_chain.ConvChain, "backward", staticmethod(spy))
+    _check_chain(_discriminator_like, (2, 3, 16, 16), 1, "cpu")
+    assert len(seen) == 1
+    dz, dzs, dstats = seen[0]
+    assert isinstance(dz, torch.Tensor) and dzs is None and dstats is None
