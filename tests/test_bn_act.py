@@ -89,7 +89,7 @@ def test_many_splits(device, channels_last):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("channels_last", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_more_splits_than_one_finalize_chunk(channels_last, monkeypatch):
     """More splits than a finalize program loads at once: both finalizes merge their partials over several chunks;
     small tiles and a large device make the launchers split that finely, with a short last split."""
@@ -184,6 +184,7 @@ def test_gradient_layouts(device):
         _compare(z, params, dy, "fp32", normalize=True, batch_stats=True, act="leaky_relu", slope=0.2)
 
 
+@pytest.mark.slow  # fp64 gradcheck of every activation (test_bn_act_fp32 stays in the fast tier)
 @pytest.mark.interpreter
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

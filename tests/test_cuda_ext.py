@@ -94,6 +94,7 @@ def test_second_process_loads_from_the_cache(extension):
     assert os.path.getmtime(extension.info.library) == mtime
 
 
+@pytest.mark.slow  # sleeps to hold a lock
 def test_a_builder_waits_for_the_lock_then_loads_what_the_holder_built(extension, tmp_path, monkeypatch):
     import fcntl
 
@@ -151,6 +152,7 @@ print(json.dumps(dict(picks=picks, explicit=explicit, compile_calls=len(compile_
 """
 
 
+@pytest.mark.slow  # two failing builds
 @pytest.mark.parametrize("failure", ["missing compiler", "compile error"])
 def test_failed_build_warns_once_and_auto_falls_back(failure, tmp_path, extension):
     cache = tmp_path / "cache"

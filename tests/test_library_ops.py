@@ -36,7 +36,7 @@ def test_opcheck(device):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.slow), "cuda"])
 def test_torch_compile_traces_the_fused_model(backend):
     """fullgraph: the fused ops must trace without a graph break (fake kernels, autograd, mutation)."""
     if backend == "triton":

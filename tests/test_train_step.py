@@ -56,6 +56,7 @@ def test_50_steps_match_reference_loop():
     _check_converges_alike(*_run("torch", "cpu", steps=50, size=8, batch=8, dtype=torch.float64))
 
 
+@pytest.mark.slow  # 5 DCGAN steps in the interpreter
 @pytest.mark.interpreter
 def test_triton_steps_match_reference_loop():
     needs_triton_here("cpu")
