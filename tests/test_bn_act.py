@@ -2,13 +2,17 @@
 reference), on CPU (triton in its interpreter, the extension's CPU kernels) and on a GPU; outputs, the input grad,
 the weight and bias grads and the running stats, within the tolerance of the storage dtype (parity.DTYPE_TOLERANCE).
 Then what only one backend has: triton's reduction plans, the extension's CPU vectors and threads, its GPU paths."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from fastgan.kernels import activations
+from fastgan.ops import ACTIVATIONS
 from fastgan.ops.functional import batch_norm_act
 from fastgan.perf import bench
-from parity import (DEVICES, DTYPE_TOLERANCE, HAS_TRITON, KERNEL_BACKENDS, assert_close, needs_backend_here,
+from parity import (DEVICES, DTYPE_TOLERANCE, HAS_TRITON, KERNEL_BACKENDS, ROOT, assert_close, needs_backend_here,
                     needs_triton_here)
 
 ACTS = [("relu", 0.0), ("leaky_relu", 0.2), ("tanh", 0.0), ("none", 0.0)]
@@ -85,6 +89,17 @@ def _compare(backend, z, params, dy, **kwargs):
 
 def _bn(act="relu", slope=0.0, batch_stats=True):
     return dict(normalize=True, batch_stats=batch_stats, act=act, slope=slope)
+
+
+def test_activation_codes_are_the_extensions():
+    """The codes of kernels/activations.py (the triton kernels' ACT, the ops' ``act``) are csrc/fastgan_ext.h's
+    Activation enum, name for name: kLeakyRelu is "leaky_relu"."""
+    header = (ROOT / "csrc" / "fastgan_ext.h").read_text()
+    enum = re.search(r"enum Activation : int \{([^}]*)\}", header).group(1)
+    in_cpp = {re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower(): int(value)
+              for name, value in re.findall(r"k(\w+) = (\d+)", enum)}
+    assert in_cpp == activations.CODES == ACTIVATIONS, (in_cpp, activations.CODES)
+    assert sorted(activations.CODES) == sorted(name for name, _ in ACTS)
 
 
 # ----------------------------------------------------------------------------------------------- every backend
