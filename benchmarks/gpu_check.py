@@ -66,7 +66,7 @@ FAILED = ("failed", "timed out")
 PYTEST = ("-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", "--durations", "15")
 # pytest -m gpu runs these first, breadth before detail: whole models at full size on every backend and dtype,
 # 50 train steps, the fused convolutions (L2), then the op-level grid that locates a failure, CUDA graphs, the rest.
-DECISIVE_TESTS = ("test_models.py", "test_train_step.py", "test_conv_gemm.py", "test_cuda_ext.py", "test_step.py",
+DECISIVE_TESTS = ("test_models.py", "test_train_step.py", "test_conv_gemm.py", "test_bn_act.py", "test_step.py",
                   "test_train_graph.py", "test_sigmoid_bce.py", "test_presets.py")
 BENCH = ("--batch", "128", "--compile-modes", "default", "--steps", "30", "--warmup", "5")
 XDIST_WORKERS = 8  # of the GPU machine's 16 cores; each worker holds a CUDA context (~0.5 GiB) on the one GPU

@@ -177,7 +177,7 @@ struct ChannelConstants {
 // out = op(in, consts) for every vector of z: in = the vectors of the I inputs (z's layout, or a flat run when
 // K == 0), consts = the K per-channel constants of the vector's channel(s) (broadcast in NCHW).
 template <typename T, size_t I, size_t K, typename Op>
-void map_elements(const Geometry& g, std::array<const T*, I> inputs, T* out, std::array<const at::opmath_type<T>*, K> consts,
+void map_elements(const ZLayout& g, std::array<const T*, I> inputs, T* out, std::array<const at::opmath_type<T>*, K> consts,
                   const Op& op) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
@@ -218,14 +218,14 @@ struct Splits {
   int64_t rows_of(int64_t s, int64_t M) const { return std::min(rows, M - s * rows); }
 };
 
-Splits splits_of(const Geometry& g) {
+Splits splits_of(const ZLayout& g) {
   const int64_t rows = g.channels_last ? std::max<int64_t>(1, kSplitElems / g.C) : kSplitElems;
   return {rows, ceil_div(g.M, rows)};
 }
 
 // NCHW: calls f(offset, run) for the runs of channel c in rows [m0, m1): its (n, c) planes, cut to the rows.
 template <typename F>
-C10_ALWAYS_INLINE void for_each_run(const Geometry& g, int64_t c, int64_t m0, int64_t m1, const F& f) {
+C10_ALWAYS_INLINE void for_each_run(const ZLayout& g, int64_t c, int64_t m0, int64_t m1, const F& f) {
   int64_t n = m0 / g.L, l = m0 - n * g.L;
   for (int64_t m = m0; m < m1; ++n, l = 0) {
     const int64_t run = std::min(g.L - l, m1 - m);
@@ -257,7 +257,7 @@ struct Partials {
 std::tuple<Tensor, Tensor> channel_stats(const Tensor& z, const OptTensor& running_mean,
                                          const OptTensor& running_var, double momentum, double eps) {
   StatsArgs args = channel_stats_args(z, running_mean, running_var);
-  const Geometry g = args.geo;
+  const ZLayout g = args.z_layout;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "channel_stats", [&] {
     using A = at::opmath_type<scalar_t>;
     using V = Vec<scalar_t>;
@@ -335,7 +335,7 @@ C10_ALWAYS_INLINE V preactivation(const V& d, const V& scale, const V& beta) {
 Tensor bn_act(const Tensor& z, const OptTensor& mean, const OptTensor& invstd, const OptTensor& weight,
               const OptTensor& bias, bool /*batch_stats*/, int64_t act, double slope) {
   const BnActArgs args = bn_act_args("bn_act", nullptr, z, mean, invstd, weight, bias, act);
-  const Geometry g = args.geo;
+  const ZLayout g = args.z_layout;
   Tensor y = empty_output_like(z);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_act", [&] {
     using A = at::opmath_type<scalar_t>;
@@ -371,7 +371,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_backward(const Tensor& dy, const Tenso
                                                    const OptTensor& bias, bool batch_stats, int64_t act,
                                                    double slope) {
   const BnActArgs args = bn_act_args("bn_act_backward", &dy, z, mean, invstd, weight, bias, act);
-  const Geometry g = args.geo;
+  const ZLayout g = args.z_layout;
   const auto stats_options = z.options().dtype(stat_dtype(z));
   Tensor dz = empty_output_like(z);
   Tensor dweight = empty_output({args.affine() ? g.C : 0}, stats_options);

@@ -51,7 +51,7 @@ __device__ __forceinline__ void store(T* p, unsigned i, const Pack<T, VEC>& v) {
   *reinterpret_cast<Pack<T, VEC>*>(p + i) = v;
 }
 
-// z as the kernels see it: M = N*L rows of C channels, NCHW or channels_last (Geometry, in 32 bits).
+// z as the kernels see it: M = N*L rows of C channels, NCHW or channels_last (ZLayout, in 32 bits).
 struct Layout {
   unsigned C, M;
   at::cuda::detail::IntDivider<unsigned> L;  // n, l of row m = n*L + l without a division instruction
@@ -395,7 +395,7 @@ int multiprocessors(c10::DeviceIndex device) {
 }
 
 template <typename T>
-bool can_vectorize(const Geometry& g, std::initializer_list<const Tensor*> tensors) {
+bool can_vectorize(const ZLayout& g, std::initializer_list<const Tensor*> tensors) {
   constexpr int64_t vec = 16 / sizeof(T);
   if ((g.channels_last ? g.C : g.L) % vec != 0) return false;
   for (const Tensor* t : tensors) {
@@ -426,7 +426,7 @@ struct ReducePlan {
 constexpr int kBlocksPerSm = 2048 / kThreads;  // the threads an sm_90 SM holds, in blocks
 
 template <int VEC>
-ReducePlan reduce_plan(const Geometry& g, int sms) {
+ReducePlan reduce_plan(const ZLayout& g, int sms) {
   unsigned tx = 1, tiles = unsigned(g.C);
   int64_t min_rows = int64_t(kThreads) * VEC * kLoadsInFlight, row_align = VEC;
   if (g.channels_last) {
@@ -443,14 +443,14 @@ ReducePlan reduce_plan(const Geometry& g, int sms) {
   return {dim3(tiles, unsigned(splits)), dim3(tx, kThreads / tx), unsigned(rows), unsigned(splits)};
 }
 
-Layout layout_of(const Geometry& g) {
+Layout layout_of(const ZLayout& g) {
   return {unsigned(g.C), unsigned(g.M), at::cuda::detail::IntDivider<unsigned>(unsigned(std::max<int64_t>(g.L, 1))),
           g.channels_last};
 }
 
 const dim3 kFinalizeBlock(kFinalizeColumns, kThreads / kFinalizeColumns);
 
-unsigned finalize_blocks(const Geometry& g) { return ceil_div(g.C, kFinalizeColumns); }
+unsigned finalize_blocks(const ZLayout& g) { return ceil_div(g.C, kFinalizeColumns); }
 
 unsigned flat_blocks(int64_t numel, int vec, int sms) {
   return std::max(1u, std::min(ceil_div(numel, int64_t(kThreads) * vec * kLoadsInFlight), unsigned(kBlocksPerSm * sms)));
@@ -467,7 +467,7 @@ std::tuple<Tensor, Tensor> channel_stats(const Tensor& z, const OptTensor& runni
                                          const OptTensor& running_var, double momentum, double eps) {
   const c10::cuda::CUDAGuard guard(z.device());
   StatsArgs args = channel_stats_args(z, running_mean, running_var);
-  const Geometry& g = args.geo;
+  const ZLayout& g = args.z_layout;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int sms = multiprocessors(z.device().index());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "channel_stats", [&] {
@@ -497,7 +497,7 @@ Tensor bn_act(const Tensor& z, const OptTensor& mean, const OptTensor& invstd, c
               const OptTensor& bias, bool /*batch_stats*/, int64_t act, double slope) {
   const c10::cuda::CUDAGuard guard(z.device());
   const BnActArgs args = bn_act_args("bn_act", nullptr, z, mean, invstd, weight, bias, act);
-  const Geometry& g = args.geo;
+  const ZLayout& g = args.z_layout;
   Tensor y = empty_output_like(z);
   if (z.numel() == 0) return y;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -528,7 +528,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_backward(const Tensor& dy, const Tenso
                                                    double slope) {
   const c10::cuda::CUDAGuard guard(z.device());
   const BnActArgs args = bn_act_args("bn_act_backward", &dy, z, mean, invstd, weight, bias, act);
-  const Geometry& g = args.geo;
+  const ZLayout& g = args.z_layout;
   const auto stats_options = z.options().dtype(stat_dtype(z));
   Tensor dz = empty_output_like(z);
   Tensor dweight = empty_output({args.affine() ? g.C : 0}, stats_options);

@@ -17,22 +17,22 @@ namespace fastgan_ext {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-// fastgan.ops.ACTIVATIONS
+// The activation codes, as kernels/activations.py defines them (tests/test_bn_act.py checks that they match).
 enum Activation : int { kNone = 0, kRelu = 1, kLeakyRelu = 2, kTanh = 3 };
 
 // z (N, C, *spatial) seen as M = N*L rows by C channels, L = prod(spatial).  Two dense layouts:
 //   channels_last: element (m, c) at m*C + c   (channels_last(_3d), 2-D (N, C), or L == 1)
 //   otherwise:     element (n, c, l) at (n*C + c)*L + l   (contiguous NCHW)
 // Every tensor a kernel reads or writes alongside z (dy, y, dz) has z's layout.
-struct Geometry {
+struct ZLayout {
   int64_t C, L, M;
   bool channels_last;
 };
 
 // ---------------------------------------------------------------------------------------------- host (ops.cpp)
 
-// Checks z (float dtype, fewer than 2^31 elements, dense) and returns its geometry.
-Geometry check_z(const char* op, const Tensor& z);
+// Checks z (float dtype, fewer than 2^31 elements, dense) and returns its layout.
+ZLayout check_z(const char* op, const Tensor& z);
 
 // Statistics dtype: fp32, or fp64 for fp64 z.
 at::ScalarType stat_dtype(const Tensor& z);
@@ -40,7 +40,7 @@ at::ScalarType stat_dtype(const Tensor& z);
 // The outputs of channel_stats, and the running stats as the kernels update them (contiguous, statistics
 // dtype: a temporary when the caller's buffer is not; store_running_stats copies it back).
 struct StatsArgs {
-  Geometry geo;
+  ZLayout z_layout;
   Tensor mean, invstd, running_mean, running_var;  // running_* undefined when not tracked
 };
 StatsArgs channel_stats_args(const Tensor& z, const OptTensor& running_mean, const OptTensor& running_var);
@@ -49,7 +49,7 @@ void store_running_stats(const StatsArgs& args, const OptTensor& running_mean, c
 // The inputs of bn_act / bn_act_backward as the kernels read them: dy in z's layout (undefined in the
 // forward), and per-channel vectors contiguous in the statistics dtype (undefined when absent).
 struct BnActArgs {
-  Geometry geo;
+  ZLayout z_layout;
   Tensor z, dy, mean, invstd, weight, bias;
   int act;
   bool normalize() const { return mean.defined(); }

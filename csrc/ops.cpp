@@ -50,7 +50,7 @@ bool same_layout(const Tensor& t, const Tensor& z) {
 
 at::ScalarType stat_dtype(const Tensor& z) { return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-Geometry check_z(const char* op, const Tensor& z) {
+ZLayout check_z(const char* op, const Tensor& z) {
   TORCH_CHECK_TYPE(is_float(z.scalar_type()), op, ": z must be float32, float16, bfloat16 or float64, got ",
                    z.scalar_type());
   TORCH_CHECK_VALUE(z.dim() >= 2, op, ": z must have shape (N, C, *spatial), got ", z.sizes());
@@ -62,22 +62,22 @@ Geometry check_z(const char* op, const Tensor& z) {
                     z.sizes(), " and strides ", z.strides(), "; call .contiguous() first");
   int64_t L = 1;
   for (int64_t d = 2; d < z.dim(); ++d) L *= z.size(d);
-  return Geometry{z.size(1), L, z.size(0) * L, !nchw || L == 1};
+  return ZLayout{z.size(1), L, z.size(0) * L, !nchw || L == 1};
 }
 
 StatsArgs channel_stats_args(const Tensor& z, const OptTensor& running_mean, const OptTensor& running_var) {
   const char* op = "channel_stats";
-  const Geometry geo = check_z(op, z);
-  TORCH_CHECK_VALUE(geo.M > 0 && geo.C > 0, op, ": z has no values per channel, got shape ", z.sizes());
+  const ZLayout z_layout = check_z(op, z);
+  TORCH_CHECK_VALUE(z_layout.M > 0 && z_layout.C > 0, op, ": z has no values per channel, got shape ", z.sizes());
   TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(), op,
                     ": give both running_mean and running_var, or neither");
   const auto options = z.options().dtype(stat_dtype(z));
-  StatsArgs args{geo, empty_output({geo.C}, options), empty_output({geo.C}, options), {}, {}};
+  StatsArgs args{z_layout, empty_output({z_layout.C}, options), empty_output({z_layout.C}, options), {}, {}};
   if (running_mean.has_value()) {
-    TORCH_CHECK_VALUE(geo.M > 1, op, ": updating the running variance needs more than one value per channel, "
+    TORCH_CHECK_VALUE(z_layout.M > 1, op, ": updating the running variance needs more than one value per channel, "
                       "got z of shape ", z.sizes());
-    args.running_mean = channel_vector(op, "running_mean", *running_mean, z, geo.C, stat_dtype(z));
-    args.running_var = channel_vector(op, "running_var", *running_var, z, geo.C, stat_dtype(z));
+    args.running_mean = channel_vector(op, "running_mean", *running_mean, z, z_layout.C, stat_dtype(z));
+    args.running_var = channel_vector(op, "running_var", *running_var, z, z_layout.C, stat_dtype(z));
   }
   return args;
 }
@@ -90,25 +90,25 @@ void store_running_stats(const StatsArgs& args, const OptTensor& running_mean, c
 
 BnActArgs bn_act_args(const char* op, const Tensor* dy, const Tensor& z, const OptTensor& mean,
                       const OptTensor& invstd, const OptTensor& weight, const OptTensor& bias, int64_t act) {
-  const Geometry geo = check_z(op, z);
+  const ZLayout z_layout = check_z(op, z);
   TORCH_CHECK_VALUE(act >= kNone && act <= kTanh, op,
                     ": act must be 0 (none), 1 (relu), 2 (leaky_relu) or 3 (tanh), got ", act);
   TORCH_CHECK_VALUE(mean.has_value() == invstd.has_value(), op, ": give both mean and invstd, or neither");
   TORCH_CHECK_VALUE(weight.has_value() == bias.has_value(), op, ": give both weight and bias, or neither");
   TORCH_CHECK_VALUE(mean.has_value() || !weight.has_value(), op, ": weight and bias need mean and invstd");
-  BnActArgs args{geo, z, {}, {}, {}, {}, {}, static_cast<int>(act)};
+  BnActArgs args{z_layout, z, {}, {}, {}, {}, {}, static_cast<int>(act)};
   const at::ScalarType stats = stat_dtype(z);
   if (mean.has_value()) {
     for (const auto& [name, t] : {std::pair{"mean", &*mean}, std::pair{"invstd", &*invstd}}) {
       TORCH_CHECK_TYPE(t->scalar_type() == stats, op, ": ", name, " must be ", stats, " for ", z.scalar_type(),
                        " z (as channel_stats returns it), got ", t->scalar_type());
     }
-    args.mean = channel_vector(op, "mean", *mean, z, geo.C, stats);
-    args.invstd = channel_vector(op, "invstd", *invstd, z, geo.C, stats);
+    args.mean = channel_vector(op, "mean", *mean, z, z_layout.C, stats);
+    args.invstd = channel_vector(op, "invstd", *invstd, z, z_layout.C, stats);
   }
   if (weight.has_value()) {
-    args.weight = channel_vector(op, "weight", *weight, z, geo.C, stats);
-    args.bias = channel_vector(op, "bias", *bias, z, geo.C, stats);
+    args.weight = channel_vector(op, "weight", *weight, z, z_layout.C, stats);
+    args.bias = channel_vector(op, "bias", *bias, z, z_layout.C, stats);
   }
   if (dy != nullptr) {
     TORCH_CHECK_VALUE(dy->device() == z.device(), op, ": dy is on ", dy->device(), " but z is on ", z.device());

@@ -19,7 +19,7 @@ Without BN the forward and backward are a single elementwise pass, over flat row
 can be (16-byte vectors whatever the channel count).  The elementwise passes run on a 1-D grid (axes y and
 z hold at most 65,535 programs); every index is int32, which the launchers check.
 
-ACT (a constexpr): 0 none, 1 relu, 2 leaky_relu(slope), 3 tanh, as in fastgan.ops.ACTIVATIONS.
+ACT (a constexpr): an activation code of kernels/activations.py, compared with the names below.
 """
 
 from typing import NamedTuple
@@ -28,7 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import outputs, tiling
+from . import activations, outputs, tiling
+
+RELU = tl.constexpr(activations.RELU)
+LEAKY_RELU = tl.constexpr(activations.LEAKY_RELU)  # pre * slope below zero
+TANH = tl.constexpr(activations.TANH)
 
 
 @triton.jit
@@ -42,11 +46,11 @@ def _tanh(x):
 @triton.jit
 def _activate(pre, slope, ACT: tl.constexpr):
     # Comparisons are ordered so that NaN propagates as in torch.
-    if ACT == 1:
+    if ACT == RELU:
         return tl.where(pre < 0, 0.0, pre)
-    elif ACT == 2:
+    elif ACT == LEAKY_RELU:
         return tl.where(pre < 0, pre * slope, pre)
-    elif ACT == 3:
+    elif ACT == TANH:
         return _tanh(pre)
     else:
         return pre
@@ -54,11 +58,11 @@ def _activate(pre, slope, ACT: tl.constexpr):
 
 @triton.jit
 def _activation_grad(dy, pre, slope, ACT: tl.constexpr):
-    if ACT == 1:
+    if ACT == RELU:
         return tl.where(pre <= 0, 0.0, dy)
-    elif ACT == 2:
+    elif ACT == LEAKY_RELU:
         return tl.where(pre > 0, dy, dy * slope)
-    elif ACT == 3:
+    elif ACT == TANH:
         t = _tanh(pre)
         return dy * (1.0 - t * t)
     else:
@@ -303,10 +307,6 @@ FINALIZE_SPLITS = 32  # partials a finalize program loads at a time (BLOCK_S), w
 FLAT_ROW = 256  # elements per row when a pass without BN views z as flat rows
 
 
-def _acc_dtype(tensor):
-    return tl.float64 if tensor.dtype == torch.float64 else tl.float32
-
-
 def _dense(z):
     """z itself when NCHW- or channels_last-contiguous (outputs allocated like it share its strides), else a copy."""
     if z.is_contiguous() or (z.dim() == 4 and z.is_contiguous(memory_format=torch.channels_last)):
@@ -384,10 +384,6 @@ def _geometry(z):
     return N, (z.numel() // (N * C) if N * C else 0), C
 
 
-def _stat_dtype(z):
-    return torch.float64 if z.dtype == torch.float64 else torch.float32
-
-
 def channel_stats(z, running_mean, running_var, momentum, eps):
     """Per-channel batch (mean, invstd) of z, fp32 (fp64 for fp64 z), shape (C,), from the biased variance.
 
@@ -397,12 +393,12 @@ def channel_stats(z, running_mean, running_var, momentum, eps):
     z, strides = _nlc(z)
     plan = reduction(N, L, C, strides[2], z.device)
     block_n, block_l, block_c = plan.blocks
-    part = outputs.empty((3, plan.splits, C), device=z.device, dtype=_stat_dtype(z))  # count, mean, M2
+    part = outputs.empty((3, plan.splits, C), device=z.device, dtype=outputs.accumulator_dtype(z.dtype))  # count, mean, M2
     _moments_kernel[plan.grid](
         z, part, N, L, C, *strides, plan.tiles_per_split, plan.tiles,
-        ACC=_acc_dtype(z), EVEN=N % block_n == 0 and L % block_l == 0, BLOCK_N=block_n, BLOCK_L=block_l,
+        ACC=outputs.triton_accumulator(z.dtype), EVEN=N % block_n == 0 and L % block_l == 0, BLOCK_N=block_n, BLOCK_L=block_l,
         BLOCK_C=block_c)
-    mean = outputs.empty((C,), device=z.device, dtype=_stat_dtype(z))
+    mean = outputs.empty((C,), device=z.device, dtype=outputs.accumulator_dtype(z.dtype))
     invstd = outputs.empty_like(mean)
     update = running_mean is not None
     _finalize_kernel[(triton.cdiv(C, 16),)](
@@ -432,7 +428,7 @@ def bn_act_forward(z, mean, invstd, weight, bias, act, slope):
     _forward_kernel[_elementwise_grid(N, L, C, *blocks)](
         z, y_rows, mean if normalize else dummy, invstd if normalize else dummy, weight if affine else dummy,
         bias if affine else dummy, N, L, C, *strides, slope,
-        NORMALIZE=normalize, AFFINE=affine, ACT=act, ACC=_acc_dtype(z),
+        NORMALIZE=normalize, AFFINE=affine, ACT=act, ACC=outputs.triton_accumulator(z.dtype),
         BLOCK_N=blocks[0], BLOCK_L=blocks[1], BLOCK_C=blocks[2])
     return y
 
@@ -453,7 +449,7 @@ def bn_act_backward(dy, z, mean, invstd, weight, bias, batch_stats, act, slope):
         N, L, C, view = z.numel() // FLAT_ROW, FLAT_ROW, 1, _flat
     (dy, dy_strides), (z, strides), (dz_rows, _) = view(dy), view(z), view(dz)
     block_n, block_l, block_c = _tiles(N, L, C, strides[2])
-    stat_dtype = mean.dtype if normalize else _stat_dtype(z)
+    stat_dtype = mean.dtype if normalize else outputs.accumulator_dtype(z.dtype)
     dummy = z
     sum_g = sum_gx = dummy
     if normalize and (batch_stats or affine):
@@ -472,7 +468,7 @@ def bn_act_backward(dy, z, mean, invstd, weight, bias, batch_stats, act, slope):
     _backward_kernel[_elementwise_grid(N, L, C, block_n, block_l, block_c)](
         dy, z, dz_rows, mean if normalize else dummy, invstd if normalize else dummy, weight if affine else dummy,
         bias if affine else dummy, sum_g, sum_gx, N, L, C, *strides, *dy_strides, slope,
-        NORMALIZE=normalize, BATCH_STATS=batch_stats, AFFINE=affine, ACT=act, ACC=_acc_dtype(z),
+        NORMALIZE=normalize, BATCH_STATS=batch_stats, AFFINE=affine, ACT=act, ACC=outputs.triton_accumulator(z.dtype),
         BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_C=block_c)
     if not affine:
         return dz, *(outputs.empty((0,), device=z.device, dtype=stat_dtype) for _ in range(2))

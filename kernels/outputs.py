@@ -1,9 +1,23 @@
-"""Output allocation for the kernels, and the int32 limit of their indexing."""
+"""Output allocation for the kernels, the dtype they accumulate in, and the int32 limit of their indexing."""
 import torch
 
 from ..usage import UsageError
 
 INT32_MAX = 2**31 - 1
+
+
+def accumulator_dtype(dtype):
+    """The dtype in which the kernels accumulate data of ``dtype``, and hold statistics and losses: float64 for
+    float64, float32 for float32 and half storage."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def triton_accumulator(dtype):
+    """accumulator_dtype(``dtype``) as a Triton dtype (the kernels' ACC constexpr); imports triton."""
+    import triton.language as tl
+
+    return getattr(tl, str(accumulator_dtype(dtype)).removeprefix("torch."))
+
 
 # Tests set this to fill every kernel output with NaN first, so that an element no kernel wrote shows.
 POISON_OUTPUTS = False

@@ -42,8 +42,8 @@ def sigmoid_bce(logits, target):
     Returns (loss, grad): loss is a 0-dim fp32 tensor (fp64 for fp64 logits), grad = dloss/dlogits
     with the logits' shape and dtype."""
     flat = logits.reshape(-1)
-    acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
-    loss = outputs.empty((), device=logits.device, dtype=torch.float64 if acc == tl.float64 else torch.float32)
+    loss = outputs.empty((), device=logits.device, dtype=outputs.accumulator_dtype(logits.dtype))
     grad = outputs.empty_like(flat)
-    _sigmoid_bce_kernel[(1,)](flat, grad, loss, flat.numel(), float(target), ACC=acc, BLOCK=1024)
+    _sigmoid_bce_kernel[(1,)](flat, grad, loss, flat.numel(), float(target),
+                              ACC=outputs.triton_accumulator(logits.dtype), BLOCK=1024)
     return loss, grad.view(logits.shape)

@@ -18,6 +18,17 @@ HAS_TRITON = backends.triton_import_error() is None
 INTERPRETER = backends.interpreter_enabled()
 # the devices of the op-level tests: the CUDA cases carry the gpu mark, so that `pytest -m gpu` selects them
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# the kernel backends every op test runs against the torch reference: triton (on CPU tensors in its interpreter)
+# and the C++/CUDA extension (its CPU kernels on CPU tensors)
+KERNEL_BACKENDS = [pytest.param("triton", marks=pytest.mark.interpreter), "cuda"]
+# The op tests' tolerance per dtype: the row of docs/design.md section 6 it is compared with.  The kernels
+# accumulate half and fp32 storage in fp32 and fp64 in fp64, so fp64 meets fp32's bound with room to spare.
+DTYPE_TOLERANCE = {
+    torch.float64: "fp32",
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+}
 
 
 def assert_close(actual, expected, mode="fp32", what="output", grad=False):
@@ -57,7 +68,8 @@ def tf32_enabled(on):
 
 
 def needs_backend_here(backend, device):
-    """Skip (with the reason) when ``backend`` cannot run on ``device`` here (test_cuda_ext.py checks the build)."""
+    """Skip (with the reason) when ``backend`` cannot run on ``device`` here (test_cuda_ext.py checks that the
+    extension builds)."""
     if backend == "triton":
         return needs_triton_here(device)
     try:

@@ -215,6 +215,7 @@ def test_chain_many_tiles(device, monkeypatch):
     _check_chain(make, (2, 5, 1, 1), 1, device)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_fp64(device):
     """Every geometry in one chain (1 -> 4 -> 2 -> 4 -> 1 pixels), BN + activations between them."""
@@ -233,6 +234,7 @@ def test_gradcheck_fp64(device):
     assert torch.autograd.gradcheck(fn, (x, flat), fast_mode=True)
 
 
+@pytest.mark.slow
 def test_tiny_dcgan_matches_reference():
     """fastgan.Generator / Discriminator (ngf = ndf = 4, batch 2) at L2 against examples/dcgan's models."""
     needs_triton_here("cpu")
@@ -293,6 +295,7 @@ def test_bad_level_and_dtype():
         model(torch.randn(2, 3, 16, 16, dtype=torch.float64))
 
 
+@pytest.mark.slow
 def test_opcheck():
     needs_triton_here("cpu")
     torch.manual_seed(0)
@@ -309,6 +312,7 @@ def test_opcheck():
                           (torch.randn_like(z), x, weights, gammas, zs, stats, layout, scalars, [1, 1, 1, 1], False))
 
 
+@pytest.mark.slow
 def test_torch_compile_traces_the_chain():
     """fullgraph: the chain traces without a graph break (fake kernels, the running-stats mutation)."""
     needs_triton_here("cpu")

@@ -1,6 +1,7 @@
-"""The C++/CUDA extension, backend="cuda": its build and cache, its CPU kernels against the torch reference
-(in CI), its CUDA kernels against the reference and the triton backend (on a GPU), opcheck, bad input, and
-what a failed build leaves behind.
+"""The C++/CUDA extension, backend="cuda": its build and cache, what a failed build leaves behind, its CPU flags,
+bad input, and its CUDA kernels under compute-sanitizer.  Its ops' parity with the torch reference is tested
+with the other backends' (test_bn_act.py, test_sigmoid_bce.py, test_library_ops.py's opcheck, test_models.py,
+test_train_step.py).
 
 The extension is built once per session (the ``extension`` fixture) and shared by every test here.
 """
@@ -15,19 +16,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import fastgan
-from fastgan.nn import losses
 from fastgan.ops import backends
 from fastgan.ops import extension as ext_build
-from fastgan.ops.functional import batch_norm_act, sigmoid_bce
-from parity import DEVICES, assert_close, needs_triton_here
-from test_bn_act import ACTS, _case, _compare, _run
-from test_models import _check_reduced_parity, _check_parity, _inputs, _pair, _step
-from test_sigmoid_bce import _loss_and_grad, _reference as _bce_reference
-from test_train_step import _check_converges_alike, _run as _run_train_steps
+from fastgan.ops.functional import batch_norm_act
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ACT_CODES = fastgan.ops.ACTIVATIONS
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +87,7 @@ def test_second_process_loads_from_the_cache(extension):
     assert os.path.getmtime(extension.info.library) == mtime
 
 
+@pytest.mark.slow  # sleeps to hold a lock
 def test_a_builder_waits_for_the_lock_then_loads_what_the_holder_built(extension, tmp_path, monkeypatch):
     import fcntl
 
@@ -152,6 +146,7 @@ print(json.dumps(dict(picks=picks, explicit=explicit, compile_calls=len(compile_
 """
 
 
+@pytest.mark.slow  # two failing builds
 @pytest.mark.parametrize("failure", ["missing compiler", "compile error"])
 def test_failed_build_warns_once_and_auto_falls_back(failure, tmp_path, extension):
     cache = tmp_path / "cache"
@@ -182,106 +177,6 @@ def test_failed_build_warns_once_and_auto_falls_back(failure, tmp_path, extensio
     assert not [p for p in cache.glob("ext/*") if p.is_dir()], "a failed build leaves no folder in the cache"
 
 
-# ----------------------------------------------------------------------------------------------- parity: BN + act
-
-def _compare_cuda(*args, **kwargs):
-    with fastgan.use_backend("cuda"):  # test_bn_act's _compare names triton; the innermost choice wins
-        _compare(*args, **kwargs)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("act,slope", ACTS)
-@pytest.mark.parametrize("shape,channels_last", [((3, 5, 7, 6), False), ((3, 5, 7, 6), True), ((6, 10), False)])
-@pytest.mark.parametrize("batch_stats", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_bn_act(device, act, slope, shape, channels_last, batch_stats, dtype):
-    z, params, dy = _case(shape, dtype, device, channels_last, affine=True, normalize=True)
-    params = {k: v.to(dtype) for k, v in params.items()}  # an fp64 model has fp64 parameters and buffers
-    _compare_cuda(z, params, dy, "fp32", normalize=True, batch_stats=batch_stats, act=act, slope=slope)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("shape", [(2, 3, 48, 48), (64, 7, 9, 9)])
-def test_many_splits(device, channels_last, shape):
-    """Enough rows that the statistics and the backward reduce over several splits."""
-    z, params, dy = _case(shape, torch.float32, device, channels_last, affine=True, normalize=True)
-    _compare_cuda(z, params, dy, "fp32", normalize=True, batch_stats=True, act="relu", slope=0.0)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("act,slope", ACTS)
-def test_activation_only(device, act, slope):
-    z, params, dy = _case((2, 3, 9, 8), torch.float32, device, False, affine=False, normalize=False)
-    _compare_cuda(z, params, dy, "fp32", normalize=False, batch_stats=False, act=act, slope=slope)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("batch_stats", [True, False], ids=["train", "eval"])
-def test_no_affine(device, batch_stats):
-    z, params, dy = _case((3, 4, 5, 5), torch.float32, device, False, affine=False, normalize=True)
-    _compare_cuda(z, params, dy, "fp32", normalize=True, batch_stats=batch_stats, act="leaky_relu", slope=0.2)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_half_storage(device, dtype, channels_last):
-    z, params, dy = _case((3, 16, 8, 8), dtype, device, channels_last, affine=True, normalize=True)
-    _compare_cuda(z, params, dy, "fp16" if dtype == torch.float16 else "bf16", normalize=True, batch_stats=True,
-                  act="relu", slope=0.0)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_gradient_layouts(device):
-    """dy in another memory format than z, and an expanded dy (stride 0), as autograd may hand them over."""
-    z, params, _ = _case((2, 4, 6, 6), torch.float32, device, True, affine=True, normalize=True)
-    for dy in (torch.randn(2, 4, 6, 6, device=device), torch.tensor(0.7, device=device).expand(2, 4, 6, 6),
-               torch.randn(2, 4, 6, 6, device=device).transpose(2, 3)):
-        _compare_cuda(z, params, dy, "fp32", normalize=True, batch_stats=True, act="leaky_relu", slope=0.2)
-
-
-# C (channels_last) or H*W (NCHW) off the vector width, under it, several vectors plus a short one, and enough
-# rows per channel for several reduction splits (4096 rows of a channel in NCHW, 4096/C rows in channels_last).
-CPU_VECTOR_SHAPES = [((5, 13, 3, 7), True), ((5, 13, 3, 7), False), ((4, 3, 5, 5), True), ((2, 16, 4, 4), False),
-                     ((9, 24, 23, 21), True), ((9, 5, 23, 21), False), ((40, 9), False)]
-
-
-@pytest.mark.parametrize("shape,channels_last", CPU_VECTOR_SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("act,slope", [("leaky_relu", 0.2), ("tanh", 0.0)])
-def test_cpu_vector_tails_and_splits(shape, channels_last, dtype, act, slope):
-    """The CPU kernels' vectors end at each row (an (n, c) plane, or a position's channels): short last vectors,
-    rows shorter than a vector, and several reduction splits, against the reference."""
-    z, params, dy = _case(shape, dtype, "cpu", channels_last, affine=True, normalize=True)
-    if dtype == torch.float64:
-        params = {k: v.double() for k, v in params.items()}
-    mode = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp32"}[dtype]
-    _compare_cuda(z, params, dy, mode, normalize=True, batch_stats=True, act=act, slope=slope)
-    no_bn = dict.fromkeys(params)
-    _compare_cuda(z, no_bn, dy, mode, normalize=False, batch_stats=False, act=act, slope=slope)
-
-
-@pytest.mark.parametrize("shape,channels_last", [((16, 13, 29, 31), True), ((16, 5, 29, 31), False)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_results_do_not_depend_on_the_thread_count(shape, channels_last, dtype):
-    """One thread and two give the same bits: the reductions' splits and the vectors are fixed by the shape, and
-    the splits merge in order (shapes above the kernels' grain, so that two threads do split the work)."""
-    z, params, dy = _case(shape, dtype, "cpu", channels_last, affine=True, normalize=True)
-    kwargs = dict(normalize=True, batch_stats=True, act="leaky_relu", slope=0.2, backend="cuda")
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            results.append(_run(lambda z, **p: batch_norm_act(z, **p, **kwargs), z, params, dy))
-    finally:
-        torch.set_num_threads(threads)
-    assert results[0].keys() == results[1].keys() and "running_var" in results[0]
-    for key in results[0]:
-        assert torch.equal(results[0][key], results[1][key]), key
-
-
 def test_cpu_flags_follow_the_cpu_and_key_the_cache(monkeypatch):
     """AVX2 code where ATen's own kernels run AVX2 or AVX512, portable code elsewhere, each in its own cache
     folder (a cache shared by two machines must not hand AVX2 code to a CPU without it)."""
@@ -294,117 +189,6 @@ def test_cpu_flags_follow_the_cpu_and_key_the_cache(monkeypatch):
         folders[capability] = ext_build._plan().directory
     if ext_build.platform.machine().lower() in ("x86_64", "amd64"):
         assert folders["DEFAULT"] != folders["AVX2"] == folders["AVX512"]
-
-
-def test_double_backward_raises_a_clear_error():
-    z = torch.randn(2, 3, 4, 4, requires_grad=True)
-    y = batch_norm_act(z, act="relu", backend="cuda")
-    (grad,) = torch.autograd.grad(y.square().sum(), z, create_graph=True)
-    with pytest.raises(RuntimeError, match="no double backward .* backend='torch'"):
-        grad.sum().backward()
-
-
-# ----------------------------------------------------------------------------------------------- parity: losses
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_sigmoid_bce_dtypes(device, dtype):
-    logits = (torch.randn(33, device=device) * 4).to(dtype)
-    loss, grad = _loss_and_grad(lambda l: sigmoid_bce(l, 0.9, backend="cuda"), logits)
-    ref_loss, ref_grad = _loss_and_grad(lambda l: _bce_reference(l, 0.9), logits)
-    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and grad.dtype == dtype
-    mode = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp32"}[dtype]
-    assert_close(loss.double(), ref_loss, mode, what="loss", grad=mode != "fp32")
-    assert_close(grad.double(), ref_grad, mode, what="grad", grad=True)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_extreme_logits_and_gan_losses(device):
-    logits = torch.tensor([1e4, -1e4, 3e4, -3e4, 0.0, 20.0, -20.0], device=device)
-    for target in (1.0, 0.0, 0.9):
-        loss, grad = _loss_and_grad(lambda l: sigmoid_bce(l, target, backend="cuda"), logits)
-        ref_loss, ref_grad = _loss_and_grad(lambda l: _bce_reference(l, target), logits)
-        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(grad.double(), ref_grad.double(), rtol=1e-6, atol=1e-7)
-    real, fake = torch.randn(9, device=device), torch.randn(9, device=device)
-    got = losses.discriminator_loss(real, fake, label_smoothing=0.1, backend="cuda")
-    assert_close(got.double(), _bce_reference(real, 0.9) + _bce_reference(fake, 0.0), what="d_loss")
-    assert_close(losses.generator_loss(fake, backend="cuda").double(), _bce_reference(fake, 1.0), what="g_loss")
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_sigmoid_bce_gradcheck_fp64(device):
-    logits = torch.randn(11, dtype=torch.float64, device=device, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda l: sigmoid_bce(l, 0.9, backend="cuda"), (logits,))
-
-
-# ----------------------------------------------------------------------------------------------- parity: models
-
-@pytest.mark.parametrize("kind", ["G", "D"])
-def test_model_parity_fp32(kind):
-    """Real size (ngf=ndf=64, batch 8): output, input grad, every parameter grad, the running stats."""
-    fast, ref = _pair(kind, 64, "cuda", "cpu", torch.float32)
-    _check_parity(fast, ref, _inputs(kind, 8, "cpu"), "fp32")
-
-
-@pytest.mark.parametrize("kind", ["G", "D"])
-def test_model_parity_fp64(kind):
-    fast, ref = _pair(kind, 64, "cuda", "cpu", torch.float64)
-    ref.double()
-    x = _inputs(kind, 8, "cpu").double()
-    dy = torch.randn((8, 3, 64, 64) if kind == "G" else (8,), generator=torch.Generator().manual_seed(2)).double()
-    got, expected = _step(fast, x, dy), _step(ref, x, dy)
-    assert got.keys() == expected.keys()
-    for what, value in expected.items():
-        torch.testing.assert_close(got[what], value, msg=lambda m: f"{what}: {m}")
-
-
-@pytest.mark.parametrize("kind", ["G", "D"])
-def test_model_parity_channels_last_eval(kind):
-    fast, ref = _pair(kind, 16, "cuda", "cpu", torch.float32)
-    fast.to(memory_format=torch.channels_last)
-    x = _inputs(kind, 4, "cpu").contiguous(memory_format=torch.channels_last)
-    _check_parity(fast, ref, x, "fp32")
-    fast.eval()
-    ref.eval()
-    with torch.no_grad():
-        assert_close(fast(x), ref(x), "fp32", what="eval output")
-
-
-def test_train_steps_match_reference_loop():
-    """DCGAN.train_step (fused BN + act and the fused losses) against the examples/dcgan loop, in fp64."""
-    _check_converges_alike(*_run_train_steps("cuda", "cpu", steps=6, size=8, batch=8, dtype=torch.float64))
-
-
-# ----------------------------------------------------------------------------------------------- opcheck
-
-def _op_samples(ext, device, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(0)
-    z = torch.randn(3, 4, 5, 5, generator=gen).to(device, dtype).requires_grad_()
-    z_cl = z.detach().to(memory_format=torch.channels_last)
-    w = torch.randn(4, generator=gen).add(1).to(device).requires_grad_()
-    b = torch.randn(4, generator=gen).to(device).requires_grad_()
-    mean, invstd = ext.channel_stats(z.detach(), None, None, 0.1, 1e-5)
-    dy = torch.randn(3, 4, 5, 5, generator=gen).to(device, dtype)
-    running = (torch.zeros(4, device=device), torch.ones(4, device=device))
-    return [
-        (ext.channel_stats, (z.detach(), *running, 0.1, 1e-5)),
-        (ext.channel_stats, (z_cl, None, None, 0.1, 1e-5)),
-        (ext.bn_act, (z, mean, invstd, w, b, True, ACT_CODES["leaky_relu"], 0.2)),
-        (ext.bn_act, (z_cl.requires_grad_(), mean, invstd, None, None, False, ACT_CODES["relu"], 0.0)),
-        (ext.bn_act, (z, None, None, None, None, False, ACT_CODES["tanh"], 0.0)),
-        (ext.bn_act_backward, (dy, z.detach(), mean, invstd, w.detach(), b.detach(), True, 1, 0.0)),
-        (ext.bn_act_backward, (dy.expand_as(z), z_cl.detach(), mean, invstd, None, None, False, 2, 0.2)),
-        (ext.bn_act_backward, (dy, z.detach(), None, None, None, None, False, 3, 0.0)),
-        (ext.sigmoid_bce, (torch.randn(7, generator=gen).to(device, dtype).requires_grad_(), 0.9)),
-    ]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck(extension, device, dtype):
-    for op, args in _op_samples(extension.ext, device, dtype):
-        torch.library.opcheck(op, args)
 
 
 # ----------------------------------------------------------------------------------------------- bad input
@@ -466,87 +250,6 @@ def test_explicit_cuda_backend_on_cpu_runs_the_cpu_kernels(extension):
 
 
 # ----------------------------------------------------------------------------------------------- GPU
-
-# Activation shapes of DCGAN 64x64 (ngf=ndf=64) at batch 16, both layouts, and shapes that take the
-# unvectorised paths (C or H*W not a multiple of the vector width).
-GPU_SHAPES = [(shape, channels_last) for shape in [(16, 512, 4, 4), (16, 256, 8, 8), (16, 128, 16, 16),
-                                                   (16, 64, 32, 32), (16, 3, 64, 64), (5, 6, 7, 7), (3, 13, 1, 1)]
-              for channels_last in (False, True)] + [((300, 10), False), ((64, 24), False)]
-GPU_MODES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", list(GPU_MODES))
-@pytest.mark.parametrize("shape,channels_last,act,slope",
-                         [(*case, *ACTS[i % len(ACTS)]) for i, case in enumerate(GPU_SHAPES)])
-def test_gpu_matches_reference_and_triton(dtype, shape, channels_last, act, slope):
-    z, params, dy = _case(shape, dtype, "cuda", channels_last, affine=True, normalize=True)
-    kwargs = dict(normalize=True, batch_stats=True, act=act, slope=slope)
-    _compare_cuda(z, params, dy, GPU_MODES[dtype], **kwargs)
-    needs_triton_here("cuda")
-    cuda = _run(lambda z, **p: batch_norm_act(z, **p, **kwargs, backend="cuda"), z, params, dy)
-    triton = _run(lambda z, **p: batch_norm_act(z, **p, **kwargs, backend="triton"), z, params, dy)
-    for key in cuda:
-        mode = "tf32" if dtype == torch.float32 else GPU_MODES[dtype]  # two fp32 orders of summation
-        assert_close(cuda[key].double(), triton[key].double(), mode, what=f"cuda vs triton: {key}", grad=True)
-
-
-def _shifted(t):
-    """t's values and strides in a storage one element off 16-byte alignment."""
-    out = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].as_strided(t.shape, t.stride()).copy_(t)
-    assert out.data_ptr() % 16 != 0
-    return out
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", list(GPU_MODES))
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("misaligned", ["z", "dy"])
-def test_gpu_misaligned_storage_takes_the_scalar_path(dtype, channels_last, misaligned):
-    """z, or only dy, at an odd storage offset: no 16-byte loads are possible there, the results must not
-    change."""
-    z, params, dy = _case((4, 8, 6, 6), dtype, "cuda", channels_last, affine=True, normalize=True)
-    z, dy = (_shifted(z), dy) if misaligned == "z" else (z, _shifted(dy))
-    _compare_cuda(z, params, dy, GPU_MODES[dtype], normalize=True, batch_stats=True, act="relu", slope=0.0)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_gpu_results_are_deterministic(channels_last):
-    """Run twice, bitwise equal: the reductions have a fixed order (and no race changes them)."""
-    z, params, dy = _case((64, 128, 16, 16), torch.float32, "cuda", channels_last, affine=True, normalize=True)
-    kwargs = dict(normalize=True, batch_stats=True, act="leaky_relu", slope=0.2, backend="cuda")
-    first, second = (_run(lambda z, **p: batch_norm_act(z, **p, **kwargs), z, params, dy) for _ in range(2))
-    for key in first:
-        assert torch.equal(first[key], second[key]), key
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gpu_opcheck(extension, dtype):
-    for op, args in _op_samples(extension.ext, "cuda", dtype):
-        torch.library.opcheck(op, args)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", list(GPU_MODES))
-def test_gpu_sigmoid_bce(dtype):
-    logits = (torch.randn(4099, device="cuda") * 4).to(dtype)
-    loss, grad = _loss_and_grad(lambda l: sigmoid_bce(l, 0.9, backend="cuda"), logits)
-    ref_loss, ref_grad = _loss_and_grad(lambda l: _bce_reference(l, 0.9), logits)
-    assert loss.dtype == torch.float32 and grad.dtype == dtype
-    assert_close(loss.double(), ref_loss, GPU_MODES[dtype], what="loss", grad=dtype != torch.float32)
-    assert_close(grad.double(), ref_grad, GPU_MODES[dtype], what="grad", grad=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["G", "D"])
-def test_gpu_fp16_storage_model(kind):
-    fast, ref = _pair(kind, 64, "cuda", "cuda", torch.float16)
-    x = _inputs(kind, 32, "cuda")
-    dy = torch.randn((32, 3, 64, 64) if kind == "G" else (32,), device="cuda")
-    _check_reduced_parity(fast, ref, x, dy, "fp16")
-
 
 _RACECHECK_SCRIPT = """
 import torch

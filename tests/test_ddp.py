@@ -16,6 +16,8 @@ from fastgan.ops.functional import batch_norm_act
 from fastgan.usage import UsageError
 from parity import HAS_TRITON, INTERPRETER, assert_close
 
+pytestmark = pytest.mark.slow  # two gloo ranks and torchrun: process start-up
+
 WORLD = 2
 # (backend, sizes, global batch): the torch backend at a modest size, Triton (interpreted) tiny.
 CASES = [("torch", dict(nz=16, ngf=8, ndf=8), 8)] + (

@@ -52,6 +52,7 @@ def _check(tmp_path):
     return check
 
 
+@pytest.mark.slow  # runs stages that sleep past their time box
 def test_stages_report_success_failure_and_overrun(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "GRACE_S", 1)
     check = _check(tmp_path)

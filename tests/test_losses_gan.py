@@ -14,7 +14,8 @@ from fastgan.nn.layers import fuse
 from fastgan.nn.step import StepRecipe, TrainStep
 from parity import assert_close, needs_triton_here
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
+# the triton cases (whole DCGAN steps in the interpreter) are the slow tier; the torch ones keep the recipes fast
+BACKENDS = ["torch", pytest.param("triton", marks=[pytest.mark.interpreter, pytest.mark.slow])]
 
 
 def _backend(backend):

@@ -8,8 +8,8 @@ from torch import nn
 
 import fastgan
 from fastgan.nn import reference
-from fastgan.ops import backends
-from parity import assert_as_close_as_torch, assert_close, needs_triton_here, tf32_enabled
+from parity import (KERNEL_BACKENDS, assert_as_close_as_torch, assert_close, needs_backend_here, needs_triton_here,
+                    tf32_enabled)
 
 # (backend, device, ngf=ndf, batch, dtype): the torch backend at the real size; triton under the
 # interpreter at a tiny size on CPU, at full size on a GPU.
@@ -19,7 +19,14 @@ CASES = [
     pytest.param("triton", "cpu", 4, 3, torch.float16, id="triton-cpu-fp16", marks=pytest.mark.interpreter),
     pytest.param("triton", "cuda", 64, 64, torch.float32, id="triton-cuda-fp32", marks=pytest.mark.gpu),
     pytest.param("torch", "cuda", 64, 64, torch.float32, id="torch-cuda-fp32", marks=pytest.mark.gpu),
+    pytest.param("cuda", "cpu", 64, 8, torch.float32, id="cuda-cpu-fp32"),  # the extension's CPU kernels
 ]
+
+
+def _slow(cases, ids):
+    """``cases`` with the slow mark on those whose id is in ``ids``."""
+    return [pytest.param(*case.values, id=case.id, marks=[*case.marks, pytest.mark.slow]) if case.id in ids else case
+            for case in cases]
 
 
 def _pair(kind, size, backend, device, dtype, seed=0):
@@ -89,19 +96,20 @@ def _check_reduced_parity(fast, ref, x, dy, mode, autocast=None, tf32=False):
 
 
 @pytest.mark.parametrize("kind", ["G", "D"])
-@pytest.mark.parametrize("backend,device,size,batch,dtype", CASES)
+@pytest.mark.parametrize("backend,device,size,batch,dtype", _slow(CASES, {"triton-cpu-fp16"}))
 def test_train_mode_parity(kind, backend, device, size, batch, dtype):
-    if backend == "triton":
-        needs_triton_here(device)
+    """Output, input grad, every parameter grad, the running stats."""
+    needs_backend_here(backend, device)
     fast, ref = _pair(kind, size, backend, device, dtype)
     _check_parity(fast, ref, _inputs(kind, batch, device), "fp32" if dtype == torch.float32 else "fp16")
 
 
 @pytest.mark.parametrize("kind", ["G", "D"])
-@pytest.mark.parametrize("backend,device,size,batch,dtype", CASES)
+# train-mode fp32 parity on triton stays in the fast tier; eval mode repeats it on triton at the same cost
+@pytest.mark.parametrize("backend,device,size,batch,dtype",
+                         _slow(CASES, {"triton-cpu-fp32", "triton-cpu-fp16", "triton-cuda-fp32"}))
 def test_eval_mode_parity(kind, backend, device, size, batch, dtype):
-    if backend == "triton":
-        needs_triton_here(device)
+    needs_backend_here(backend, device)
     fast, ref = _pair(kind, size, backend, device, dtype)
     x = _inputs(kind, batch, device)
     for _ in range(2):  # give the running stats non-trivial values first
@@ -116,14 +124,36 @@ def test_eval_mode_parity(kind, backend, device, size, batch, dtype):
                  grad=dtype != torch.float32)
 
 
-@pytest.mark.interpreter
 @pytest.mark.parametrize("kind", ["G", "D"])
-def test_channels_last_parity(kind):
-    needs_triton_here("cpu")
-    fast, ref = _pair(kind, 4, "triton", "cpu", torch.float32)
+@pytest.mark.parametrize("backend,size,batch", [pytest.param("triton", 4, 2, marks=pytest.mark.interpreter),
+                                                ("cuda", 16, 4)])
+def test_channels_last_parity(kind, backend, size, batch):
+    """A channels_last model and input, in train mode, then in eval mode."""
+    needs_backend_here(backend, "cpu")
+    fast, ref = _pair(kind, size, backend, "cpu", torch.float32)
     fast.to(memory_format=torch.channels_last)
-    x = _inputs(kind, 2, "cpu").contiguous(memory_format=torch.channels_last)
+    x = _inputs(kind, batch, "cpu").contiguous(memory_format=torch.channels_last)
     _check_parity(fast, ref, x, "fp32")
+    fast.eval()
+    ref.eval()
+    with torch.no_grad():
+        assert_close(fast(x), ref(x), "fp32", what="eval output")
+
+
+@pytest.mark.parametrize("kind", ["G", "D"])
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+def test_fp64_parity(kind, backend):
+    """An fp64 model (real size, batch 8) against the fp64 reference at fp64's default tolerance: the kernels
+    accumulate fp64 in fp64."""
+    needs_backend_here(backend, "cpu")
+    fast, ref = _pair(kind, 64, backend, "cpu", torch.float64)
+    ref.double()
+    x = _inputs(kind, 8, "cpu").double()
+    dy = torch.randn((8, 3, 64, 64) if kind == "G" else (8,), generator=torch.Generator().manual_seed(2)).double()
+    got, expected = _step(fast, x, dy), _step(ref, x, dy)
+    assert got.keys() == expected.keys()
+    for what, value in expected.items():
+        torch.testing.assert_close(got[what], value, msg=lambda m: f"{what}: {m}")
 
 
 def test_state_dict_matches_reference_both_ways():
@@ -250,10 +280,7 @@ def test_fuse_shares_parameters_and_keeps_state_dict():
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 def test_gpu_full_size_parity(kind, backend, precision):
     """Full size (ngf=ndf=64, batch 128) on the GPU: fp32 with TF32 off, TF32, and bf16 autocast."""
-    try:
-        backends.resolve(backend, torch.device("cuda"))
-    except fastgan.BackendUnavailable as exc:
-        pytest.skip(str(exc))
+    needs_backend_here(backend, "cuda")
     fast, ref = _pair(kind, 64, backend, "cuda", torch.float32)
     x = _inputs(kind, 128, "cuda")
     if precision == "fp32":
@@ -264,6 +291,7 @@ def test_gpu_full_size_parity(kind, backend, precision):
                               tf32=precision == "tf32")
 
 
+@pytest.mark.slow
 @pytest.mark.interpreter
 @pytest.mark.parametrize("kind", ["G", "D"])
 def test_autocast_fp16_parity(kind):
@@ -272,3 +300,15 @@ def test_autocast_fp16_parity(kind):
     x = _inputs(kind, 3, "cpu")
     dy = torch.randn((3, 3, 64, 64) if kind == "G" else (3,), generator=torch.Generator().manual_seed(2))
     _check_reduced_parity(fast, ref, x, dy, "fp16", autocast=torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["G", "D"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_gpu_fp16_storage_model(kind, backend):
+    """An fp16 model (real size, batch 32) against the exact fp32 reference, as close as torch's fp16 step."""
+    needs_backend_here(backend, "cuda")
+    fast, ref = _pair(kind, 64, backend, "cuda", torch.float16)
+    x = _inputs(kind, 32, "cuda")
+    dy = torch.randn((32, 3, 64, 64) if kind == "G" else (32,), device="cuda")
+    _check_reduced_parity(fast, ref, x, dy, "fp16")

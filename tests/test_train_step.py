@@ -4,9 +4,8 @@ import torch
 
 import fastgan
 from fastgan.nn import reference
-from fastgan.ops import backends
 from fastgan.usage import UsageError
-from parity import needs_triton_here, rel_l2
+from parity import needs_backend_here, rel_l2
 
 
 def _run(backend, device, steps, size, batch, seed=0, dtype=torch.float32):
@@ -56,19 +55,19 @@ def test_50_steps_match_reference_loop():
     _check_converges_alike(*_run("torch", "cpu", steps=50, size=8, batch=8, dtype=torch.float64))
 
 
-@pytest.mark.interpreter
-def test_triton_steps_match_reference_loop():
-    needs_triton_here("cpu")
-    _check_converges_alike(*_run("triton", "cpu", steps=5, size=4, batch=4, dtype=torch.float64))
+@pytest.mark.parametrize("backend,steps,size", [
+    pytest.param("triton", 5, 4, marks=[pytest.mark.interpreter, pytest.mark.slow]),  # DCGAN steps in the interpreter
+    ("cuda", 6, 8),  # the extension's CPU kernels
+])
+def test_kernel_backend_steps_match_reference_loop(backend, steps, size):
+    needs_backend_here(backend, "cpu")
+    _check_converges_alike(*_run(backend, "cpu", steps=steps, size=size, batch=size, dtype=torch.float64))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_gpu_50_steps_match_reference_loop(backend):
-    try:
-        backends.resolve(backend, torch.device("cuda"))
-    except fastgan.BackendUnavailable as exc:
-        pytest.skip(str(exc))
+    needs_backend_here(backend, "cuda")
     _check_converges_alike(*_run(backend, "cuda", steps=50, size=64, batch=64, dtype=torch.float64))
 
 

@@ -49,6 +49,7 @@ def test_interpreter_numpy_clash_is_one_line(monkeypatch, triton_version, numpy_
     assert "backend='torch'" in message
 
 
+@pytest.mark.slow
 def test_the_check_traces_under_torch_compile():
     """In a fresh process the first resolve may come while dynamo traces: the version check must not break it."""
     pytest.importorskip("triton")

@@ -8,6 +8,7 @@ wgan-gp  E[D(G(z))] - E[D(x)] + gradient_penalty; G: -E[D(G(z))]
 import torch
 import torch.nn.functional as F
 
+from ..kernels.outputs import accumulator_dtype
 from ..ops.backends import use_backend
 from ..ops.functional import sigmoid_bce
 
@@ -24,7 +25,7 @@ def _check_pair(real_logits, fake_logits, label_smoothing):
 
 def widen(t):
     """``t`` in float32, or float64 when it is float64: the dtype the losses and the step's values take."""
-    return t if t.dtype == torch.float64 else t.float()
+    return t.to(accumulator_dtype(t.dtype))
 
 
 def discriminator_loss(real_logits, fake_logits, label_smoothing=0.0, backend=None):

@@ -33,6 +33,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ..kernels.outputs import accumulator_dtype
 from ..ops import backends
 from ..usage import UsageError
 from . import losses
@@ -284,7 +285,7 @@ class _Entry:
         self.noise = None if noise is None else torch.empty_like(noise)  # None: drawn inside the step
         self.g_round = g_round
         self.results = torch.empty(len(VALUES), device=device,
-                                   dtype=torch.float64 if tensor and real.dtype == torch.float64 else torch.float32)
+                                   dtype=accumulator_dtype(real.dtype) if tensor else torch.float32)
         self.graph = None
         self.eager_steps = 0
 

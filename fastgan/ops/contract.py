@@ -23,9 +23,11 @@ act: ACTIVATIONS[name]; slope: LeakyReLU's negative slope.  The torch composite 
 import torch
 import torch.nn.functional as F
 
+from ..kernels import activations
+from ..kernels.outputs import accumulator_dtype
 from ..usage import UsageError
 
-ACTIVATIONS = {"none": 0, "relu": 1, "leaky_relu": 2, "tanh": 3}
+ACTIVATIONS = activations.CODES  # name -> the code the kernels take
 
 
 class BackendUnavailable(UsageError, RuntimeError):
@@ -33,8 +35,8 @@ class BackendUnavailable(UsageError, RuntimeError):
 
 
 def stat_dtype(t):
-    """The dtype of statistics and accumulators for ``t``: fp64 for fp64, else fp32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+    """The dtype of statistics and accumulators for ``t`` (kernels.outputs.accumulator_dtype)."""
+    return accumulator_dtype(t.dtype)
 
 
 def torch_act(y, act, slope):

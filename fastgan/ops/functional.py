@@ -76,7 +76,7 @@ def sigmoid_bce(logits, target, backend=None):
                         "torch.nn.functional.binary_cross_entropy_with_logits")
     which = backends.resolve(backend, logits.device)
     if which == "torch":
-        logits = logits if logits.dtype == torch.float64 else logits.float()
+        logits = logits.to(stat_dtype(logits))
         return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
     return kernel_ops(which).sigmoid_bce(logits, float(target))[0]
 
