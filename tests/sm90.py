@@ -1,7 +1,7 @@
 """The static sm_90 check (docs/design.md section 9): which Triton kernel variants fastgan's launchers pick for
 a DCGAN train step at the real shapes, and what each costs compiled for sm_90, without a GPU.
 
-    python tests/sm90.py [--all] [--json PATH] [--markdown]
+    python tests/sm90.py [--all] [--json PATH] [--markdown] [--efficiency [--write-results]]
 
 Recording: fastgan.DCGAN's train step (L1, and L2 via fastgan.set_level) runs on fake tensors (torch's
 FakeTensorMode) with the launchers' device queries answering for a 132-SM sm_90 GPU (kernels.tiling.SM90).
@@ -19,6 +19,10 @@ cached by variant in .cache/sm90/ (and triton's own cache in .cache/sm90/triton)
 changed.  By default the representatives are compiled (see :func:`representatives`: every config meets every
 dtype family, at its heaviest variant) and every variant of the fp64 gradcheck chain; --all compiles every
 variant, --cold-start the default variants of the steps named.
+
+Efficiency: every default launch of L2's GEMMs and L1's reductions in EFFICIENCY_STEPS is compiled too and
+read from its SASS (tests/sass.py): MMA kind, instructions per K-step, issue vs MMA cycles, load widths, waves,
+spills, FLOP share (see :func:`efficiency`); --efficiency prints the tables.
 
 Must run without TRITON_INTERPRET (jitted kernels, not interpreted ones); tests/test_sm90_resources.py
 starts it in a subprocess and checks what it finds.
@@ -61,6 +65,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 import fastgan  # noqa: E402
 import parity  # noqa: E402  (tests/ is on the path: this file's folder)
+import sass  # noqa: E402
 from fastgan.kernels import bn_act, conv_gemm, sigmoid_bce, tiling  # noqa: E402
 from fastgan.ops import backends, conv_chain, triton_ops  # noqa: E402
 
@@ -72,6 +77,7 @@ MODES = ("tf32", "fp32", "bf16", "fp16", "fp64")  # fp32 is exact fp32 (TF32 off
 LAYOUTS = ("nchw", "channels_last")
 LEVELS = ("L1", "L2")
 GEMMS = ("_conv_kernel", "_wgrad_kernel")
+REDUCTIONS = ("_moments_kernel", "_backward_reduce_kernel")  # L1's BN statistics and backward sums
 ELEMENT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
 
 
@@ -129,6 +135,37 @@ class Launch(NamedTuple):
     """One launch of a train step: the variant the launcher runs and, for an autotuner, every candidate."""
     variants: tuple  # the first is what runs by default (the autotuner benchmarks them all)
     grid: tuple
+    work: dict  # what the launch computes, for the efficiency check (see :func:`work`)
+
+
+END_CHANNELS = (1, 3, 100)  # DCGAN's end layers: the image's 3 channels, D's 1 logit, G's 100-d noise
+
+
+def work(kernel, args):
+    """What a launch of a GEMM or an L1 reduction computes, from its arguments (the default config's included):
+    label (the problem), flops (2 x multiply-adds), iterations (of its main loop per program: K-steps of a GEMM,
+    tiles of a reduction), contiguous (the GEMM operands whose channels are contiguous, A = src/lo, B = w/hi),
+    end_layer.  {} for the other kernels."""
+    a = args
+    if kernel == "_conv_kernel":
+        classes, taps = (a["S"] ** 2 if a["UP"] else 1), a["TAPS"]
+        contiguous = "A" * (a["s_c"] == 1) + "B" * (1 in (a["w_red"], a["w_out"]))
+        return dict(label=f"{'convT' if a['UP'] else 'conv'} s{a['S']} {a['C_in']}->{a['C_out']} "
+                          f"{a['H_in']}x{a['W_in']}->{a['H_out']}x{a['W_out']}",
+                    flops=2 * a["ROWS"] * classes * a["C_out"] * a["C_in"] * taps * taps,
+                    iterations=a["taps_per_split"] * triton.cdiv(a["C_in"], a["BLOCK_K"]), contiguous=contiguous or "-",
+                    end_layer=bool({a["C_in"], a["C_out"]} & set(END_CHANNELS)))
+    if kernel == "_wgrad_kernel":
+        contiguous = "A" * (a["l_c"] == 1) + "B" * (a["h_c"] == 1)
+        return dict(label=f"wgrad s{a['S']} {a['C_lo']}x{a['C_hi']} {a['H_lo']}x{a['W_lo']}<-{a['H_hi']}x{a['W_hi']}",
+                    flops=2 * a["C_lo"] * a["C_hi"] * 16 * a["N"] * a["H_lo"] * a["W_lo"],
+                    iterations=(triton.cdiv(a["images_per_split"], a["BLOCK_K"] // (a["block_h"] * a["block_w"]))
+                                * triton.cdiv(a["H_lo"], a["block_h"]) * triton.cdiv(a["W_lo"], a["block_w"])),
+                    contiguous=contiguous or "-",
+                    end_layer=bool({a["C_lo"], a["C_hi"]} & set(END_CHANNELS)))
+    if kernel in REDUCTIONS:
+        return dict(label=f"N={a['N']} C={a['C']} L={a['L']}", flops=0, iterations=a["tiles_per_split"])
+    return {}
 
 
 def jit_function(name):
@@ -179,9 +216,11 @@ class _Recorder:
             calls = [{**kwargs, **config.all_kwargs()} for config in configs]
         else:
             calls = [kwargs]
+        named = {**dict(zip(self.jit.arg_names, args)), **calls[0]}
         if callable(grid):
-            grid = grid({**dict(zip(self.jit.arg_names, args)), **calls[0]})
-        self.log.append(Launch(tuple(self._variant(args, call) for call in calls), tuple(grid)))
+            grid = grid(named)
+        self.log.append(Launch(tuple(self._variant(args, call) for call in calls), tuple(grid),
+                               work(self.jit.fn.__name__, named)))
 
 
 class _RealOps(TorchDispatchMode):
@@ -209,6 +248,8 @@ def fake_sm90(log, autotune=False):
         stack.enter_context(mock.patch.object(tiling, "device_of", lambda device: tiling.SM90))
         # The tensors are fake CPU tensors (the autograd engine needs a real device for fake CUDA ones).
         stack.enter_context(mock.patch.object(backends, "interpreter_enabled", lambda: True))
+        # Nothing is interpreted (every launch meets a recorder), so triton <= 3.6 with numpy >= 2.4 records too.
+        stack.enter_context(mock.patch.object(backends, "interpreter_error", lambda: None))
         stack.enter_context(mock.patch.object(conv_gemm, "AUTOTUNE", autotune))
         fake = stack.enter_context(FakeTensorMode())
         stack.enter_context(_RealOps())
@@ -307,23 +348,30 @@ def compiles(launches):
 # ----------------------------------------------------------------------------- compiling
 
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+SASS_READER = hashlib.sha256(Path(sass.__file__).read_bytes()).hexdigest()[:12]  # a cached summary's reader
 
 
-def _cubin_resources(cubin):
+def _cuobjdump(cubin, *flags):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
-        out = subprocess.run([str(_BIN / "cuobjdump"), "--dump-resource-usage", str(path)], check=True,
-                             capture_output=True, text=True).stdout
-    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+        return subprocess.run([str(_BIN / "cuobjdump"), *flags, str(path)], check=True, capture_output=True,
+                              text=True).stdout
+
+
+def _cubin_resources(cubin):
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", _cuobjdump(cubin, "--dump-resource-usage"))
     return int(found[1]), int(found[2]) + int(found[4])
 
 
 def compile_variant(variant):
-    """Compile ``variant`` for sm_90: {registers, spill_bytes, shared, seconds} (cached in .cache/sm90)."""
+    """Compile ``variant`` for sm_90: {registers, spill_bytes, shared, seconds, sass} (cached in .cache/sm90;
+    sass is tests/sass.py's summary of `cuobjdump -sass`)."""
     cached = CACHE / f"{variant.key()}.json"
     if cached.exists():
-        return json.loads(cached.read_text())
+        result = json.loads(cached.read_text())
+        if result.get("sass_reader") == SASS_READER:  # else compile again (triton's cache has the cubin)
+            return result
     fn = jit_function(variant.kernel)
     signature = {p.name: kind for p, (kind, _) in zip(fn.params, variant.spec)}
     constexprs = {(i,): value for i, (kind, value) in enumerate(variant.spec) if kind == "constexpr"}
@@ -340,7 +388,8 @@ def compile_variant(variant):
     registers, spills = _cubin_resources(compiled.asm["cubin"])
     ptxas = re.search(r"(\d+) bytes stack frame.*?Used (\d+) registers", ptxas_log.getvalue(), re.S)
     result = dict(registers=registers, spill_bytes=spills, shared=compiled.metadata.shared, seconds=seconds,
-                  ptxas=None if ptxas is None else dict(registers=int(ptxas[2]), stack=int(ptxas[1])))
+                  ptxas=None if ptxas is None else dict(registers=int(ptxas[2]), stack=int(ptxas[1])),
+                  sass=sass.summarize(_cuobjdump(compiled.asm["cubin"], "-sass")), sass_reader=SASS_READER)
     CACHE.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(result))
     return result
@@ -412,7 +461,10 @@ def audit(targets="representatives", jobs=2, cold_start=(), log=print):
                       key=lambda v: (v.kernel, repr(v.spec), v.options))
     reps = set(representatives(variants))
     chosen = set(variants) if targets == "all" else set(reps)
-    for name, _, launches in recorded:
+    efficiency_steps = {str(step) for step in EFFICIENCY_STEPS}
+    for name, level, launches in recorded:
+        if name in efficiency_steps:
+            chosen |= {launch.variants[0] for launch in launches if launch.variants[0].kernel in _checked(level)}
         if name == GRADCHECK:  # small, clipped tiles that the representatives leave out: all of them
             chosen |= {v for launch in launches for v in launch.variants}
         elif name in cold_start:
@@ -427,15 +479,206 @@ def audit(targets="representatives", jobs=2, cold_start=(), log=print):
             results[index[v]] = result
             log(f"[{n}/{len(chosen)}] {v.kernel} {v.describe()['constexprs']} warps={v.warps} "
                 f"stages={v.stages}: {result}")
+    compiled_of = lambda v: results.get(index[v])  # noqa: E731
     return dict(
+        efficiency=[row for name, level, launches in recorded if name in efficiency_steps
+                    for row in efficiency(name, level, launches, compiled_of)],
         triton=triton.__version__, torch=torch.__version__, target="cuda sm_90", device=tiling.SM90._asdict(),
         record_seconds=record_seconds, compile_seconds=time.perf_counter() - start,
         default_checked=default_checked, cold_start=list(cold_start),
         variants=[dict(v.describe(), family=v.dtype_family(), config=v.config(), estimate=estimate(v),
                        compiled=results.get(i), representative=v in reps) for i, v in enumerate(variants)],
         steps=[dict(step=name, level=level, launches=[dict(variants=[index[v] for v in launch.variants],
-                                                           grid=launch.grid) for launch in launches])
+                                                           grid=launch.grid, work=launch.work)
+                                                      for launch in launches])
                for name, level, launches in recorded])
+
+
+# ----------------------------------------------------------------------------- efficiency (from the SASS)
+
+# The steps whose L2 GEMMs and L1 reductions the efficiency check reads, and its targets (issue 18).
+EFFICIENCY_STEPS = tuple(Step(128, width, mode, layout, level) for level in LEVELS for width in WIDTHS
+                         for mode, layout in (("bf16", "channels_last"), ("tf32", "nchw")))
+MMA_RATE = {"16-bit": 2048, "tf32": 1024, "ieee": 128, "fp64": 128}  # multiply-adds per SM per clock (H100)
+CLOCK_HZ = 1.83e9      # an H100 SXM's SM clock under load
+HEAVY_SHARE = 0.05     # a GEMM launch carrying this share of the step's FLOPs may not be issue bound
+END_LAYER_US = 20.0    # the end layers' (3 or 1 channels, the 100-d noise) estimated time
+REDUCTION_WAVES = 2    # an L1 reduction's programs, in waves of the SMs
+
+
+def _checked(level):
+    """The kernels the efficiency check reads at ``level``: L2's GEMMs, L1's reductions."""
+    return GEMMS if level == "L2" else REDUCTIONS
+
+
+def efficiency(name, level, launches, compiled_of):
+    """The efficiency rows of one recorded step: its default launches of _checked(level) kernels, identical
+    launches (variant, grid, problem) merged into one row (``launches`` counts them, flops and share are
+    theirs together).  A row's ``missed`` names each target it misses, with by how much."""
+    total = sum(launch.work.get("flops", 0) for launch in launches)
+    groups = {}
+    for launch in launches:
+        v = launch.variants[0]
+        if v.kernel in _checked(level):
+            groups.setdefault((v, launch.grid, launch.work["label"]), []).append(launch)
+    rows = []
+    for (v, grid, _), members in groups.items():
+        row = dict(step=name, level=level, kernel=v.kernel, family=v.dtype_family(), warps=v.warps,
+                   stages=v.stages, launches=len(members), programs=int(torch.tensor(grid).prod()),
+                   **members[0].work)
+        row["flops"] = row["flops"] * len(members)
+        compiled = compiled_of(v)
+        if compiled is None or "error" in compiled:
+            rows.append(dict(row, missed={"compiles": "not compiled"}))
+            continue
+        ce = v.constexprs()
+        row.update(spills=compiled["spill_bytes"], ctas_per_sm=blocks_per_sm(compiled, v.warps),
+                   block=[ce[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_L", "BLOCK_C") if k in ce])
+        row["waves"] = row["programs"] / (tiling.SM90.sms * row["ctas_per_sm"])
+        if v.kernel in GEMMS:
+            row.update(_gemm_efficiency(ce, v.warps, compiled["sass"], row), share=row["flops"] / total)
+        else:
+            loop = compiled["sass"]["load_loop"]
+            row.update(loop=loop, sm_waves=row["programs"] / tiling.SM90.sms)
+        row["missed"] = missed(row)
+        rows.append(row)
+    return rows
+
+
+def _gemm_efficiency(ce, warps, summary, row):
+    """A GEMM variant's main loop from its SASS summary: MMA kind, instructions per warp per K-step, issue and MMA
+    cycles per K-step for one CTA, and the launch's time estimated from them (no memory latency: a lower
+    bound) with the busiest SM running its programs one after another."""
+    block_m, block_n, block_k = ce["BLOCK_M"], ce["BLOCK_N"], ce["BLOCK_K"]
+    loop = summary["mma_loop"]
+    kind, shape = sass.mma_kind(summary)
+    steps = sass.k_steps(loop, block_m, block_n, block_k, warps)
+    mma_cycles = block_m * block_n * block_k / MMA_RATE[row["family"]]
+    out = dict(mma=kind, mma_shape=shape, mma_cycles=mma_cycles, loop=loop, k_steps_per_iteration=steps,
+               per_k_step=None, issue_cycles=None, estimate_us=None)
+    if steps:
+        out["per_k_step"] = loop["instructions"] / steps
+        out["issue_cycles"] = out["per_k_step"] * warps / 4
+        busiest = -(-row["programs"] // tiling.SM90.sms)
+        cycles = busiest * row["iterations"] * max(out["issue_cycles"], mma_cycles)
+        out["estimate_us"] = cycles / CLOCK_HZ * 1e6
+    return out
+
+
+def missed(row):
+    """{target: how it is missed} for an efficiency row (empty when it meets them all)."""
+    out = {}
+    if row["kernel"] in GEMMS:
+        if row["mma"] not in ("HGMMA", "HMMA"):
+            out["tensor cores"] = f"{row['mma']} main loop"
+        if row["issue_cycles"] is not None and row["share"] >= HEAVY_SHARE and row["issue_cycles"] > row["mma_cycles"]:
+            out["issue"] = f"issue bound {row['issue_cycles'] / row['mma_cycles']:.1f}x"
+        if row["waves"] < 1:
+            out["waves"] = f"{row['waves']:.2f} waves"
+        if row["spills"]:
+            out["spills"] = f"{row['spills']} B spilled"
+        if row["end_layer"] and (row["estimate_us"] is None or row["estimate_us"] > END_LAYER_US):
+            out["end layer"] = f"{row['estimate_us']:.0f} us" if row["estimate_us"] else "no estimate"
+    else:
+        if row["sm_waves"] < REDUCTION_WAVES:
+            out["waves"] = f"{row['sm_waves']:.2f} waves of {tiling.SM90.sms} SMs"
+        syncs = (row["loop"] or {}).get("block_syncs") or {}
+        if syncs:
+            out["reduction per iteration"] = ", ".join(f"{n} {op}" for op, n in sorted(syncs.items()))
+    return out
+
+
+def _step_short(name):
+    """"B=128 ngf=ndf=64 bf16 channels_last L2" -> "64 bf16 CL"."""
+    _, width, mode, layout, _ = name.split()
+    return f"{width.split('=')[-1]} {mode} {'CL' if layout == 'channels_last' else 'NCHW'}"
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def _loads(loop):
+    return " ".join(f"{w}x{n}" for w, n in sorted((loop or {}).get("loads", {}).items(), key=lambda kv: kv[0]))
+
+
+def efficiency_markdown(result):
+    """The efficiency tables of benchmarks/RESULTS.md from an audit."""
+    rows = result["efficiency"]
+    lines = [f"| ngf, dtype, layout | launch (identical ones: n) | tile MxNxK, warps, stages | MMA | instr./K-step "
+             "| issue : MMA cycles | loads in loop (bits x n) | ch.-contig. | programs (CTAs/SM) | waves | spills "
+             "| FLOP share | est. us | misses |", "|" + "---|" * 14]
+    for r in rows:
+        if "spills" not in r:  # not compiled
+            lines.append(f"| {_step_short(r['step'])} | {r['label']} `{r['kernel']}` | not compiled |")
+            continue
+        if r["level"] != "L2":
+            continue
+        lines.append(
+            f"| {_step_short(r['step'])} | {r['label']} ({r['launches']}) | {'x'.join(map(str, r['block']))}, "
+            f"{r['warps']}, {r['stages']} | {r['mma']} {r['mma_shape']} | {_fmt(r['per_k_step'], '.0f')} | "
+            f"{_fmt(r['issue_cycles'], '.0f')} : {r['mma_cycles']:.0f} | {_loads(r['loop'])} | {r['contiguous']} | "
+            f"{r['programs']} ({r['ctas_per_sm']}) | {r['waves']:.2f} | {r['spills']} | {100 * r['share']:.1f}% | "
+            f"{_fmt(r['estimate_us'], '.1f')} | {'; '.join(r['missed'].values()) or 'ok'} |")
+    lines += ["", "| ngf, dtype, layout | kernel | problem (identical ones: n) | block NxLxC, warps | programs "
+              "(CTAs/SM) | waves of 132 SMs | tiles/program | instr./iteration | loads in loop (bits x n) "
+              "| block syncs in loop | misses |", "|" + "---|" * 11]
+    for r in rows:
+        if r["level"] != "L1":
+            continue
+        loop = r["loop"] or {}
+        syncs = ", ".join(f"{op} {n}" for op, n in sorted(loop.get("block_syncs", {}).items())) or "none"
+        lines.append(
+            f"| {_step_short(r['step'])} | `{r['kernel']}` | {r['label']} ({r['launches']}) | "
+            f"{'x'.join(map(str, r['block']))}, {r['warps']} | {r['programs']} ({r['ctas_per_sm']}) | "
+            f"{r['sm_waves']:.2f} | {r['iterations']} | {loop.get('instructions', '-')} | {_loads(loop)} | {syncs} | "
+            f"{'; '.join(r['missed'].values()) or 'ok'} |")
+    return "\n".join(lines)
+
+
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+_SECTION = "## Static, sm_90 (compiled, not run)"
+_BEGIN, _END = "<!-- tests/sm90.py --efficiency: begin -->", "<!-- tests/sm90.py --efficiency: end -->"
+
+
+def efficiency_section(result, date):
+    """The efficiency subsection of RESULTS.md's "Static, sm_90" section: how it was made, then the tables."""
+    return f"""### Main-loop efficiency (SASS)
+
+{date}, torch {result['torch']}, triton {result['triton']}, a CPU-only machine: compiled for sm_90, not run.
+Produced by `python tests/sm90.py --efficiency --write-results`; `tests/test_sm90_resources.py` asserts the
+targets of issue 18 in CI.  Every default launch of L2's GEMMs (`_conv_kernel`, `_wgrad_kernel`) in a DCGAN
+train step at B = 128, 64x64, ngf = ndf = 64 and 128, bf16 autocast channels_last and TF32 NCHW, and of L1's BN
+reductions (`_moments_kernel`, `_backward_reduce_kernel`) in the same steps at L1, read from `cuobjdump -sass`
+of the compiled cubin by tests/sass.py (docs/design.md, "Static efficiency, from the SASS", has the method).
+The main loop is the backward branch enclosing the most MMA instructions (a reduction's: the most global
+loads); instr./K-step is its SASS instructions per warp over the K-steps one iteration covers.  Issue
+cycles = instr./K-step x warps / 4 schedulers; MMA cycles = BLOCK_M x BLOCK_N x BLOCK_K / 2048 (bf16) or
+/ 1024 (TF32) per SM and clock.  Waves = programs / (132 SMs x CTAs per SM).  FLOP share: of all the step's
+GEMM launches, the row's identical launches together.  est. us: the busiest SM's programs x K-steps x
+max(issue, MMA cycles) at 1.83 GHz, a lower bound (no memory latency).  Targets: HGMMA/HMMA; issue <= MMA
+cycles where the share is >= 5%; >= 1 wave; no spills; end layers (3 or 1 channels, the 100-d noise)
+<= 20 us; reductions >= 2 waves of 132 SMs with no barrier or shuffle (block reduction) inside the loop.
+"misses" names each target missed.
+
+{efficiency_markdown(result)}"""
+
+
+def write_results(result, path=RESULTS):
+    """Replace (or create) the efficiency subsection of ``path``'s first "Static, sm_90" section."""
+    text = path.read_text()
+    block = f"{_BEGIN}\n{efficiency_section(result, time.strftime('%Y-%m-%d', time.gmtime()))}\n{_END}"
+    if _BEGIN in text:
+        head, rest = text.split(_BEGIN, 1)
+        text = head + block + rest.split(_END, 1)[1]
+    elif _SECTION in text:
+        head, rest = text.split(_SECTION, 1)
+        following = rest.find("\n## ")
+        body, tail = (rest, "") if following < 0 else (rest[:following], rest[following:])
+        text = f"{head}{_SECTION}{body.rstrip()}\n\n{block}\n{tail}"
+    else:
+        text = f"{text.rstrip()}\n\n{_SECTION}\n\n{block}\n"
+    path.write_text(text)
 
 
 def estimate(variant):
@@ -520,6 +763,11 @@ def main(argv=None):
                         help='also compile every default variant of these steps, e.g. "B=128 ngf=ndf=64 bf16 nchw L2"')
     parser.add_argument("--json", help="write the audit here (else print it)")
     parser.add_argument("--markdown", action="store_true", help="print the figures for benchmarks/RESULTS.md")
+    parser.add_argument("--efficiency", action="store_true",
+                        help="print the main-loop efficiency tables (MMA kind, instructions per K-step, issue vs "
+                             "MMA cycles, waves, FLOP share) of the L2 GEMMs and L1 reductions")
+    parser.add_argument("--write-results", action="store_true",
+                        help="with --efficiency: write them into benchmarks/RESULTS.md's \"Static, sm_90\" section")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compiling processes")
     args = parser.parse_args(argv)
     result = audit("all" if args.all else "representatives", args.jobs, args.cold_start,
@@ -528,7 +776,11 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps(result))
     if args.markdown:
         print(markdown(result))
-    elif not args.json:
+    if args.efficiency:
+        print(efficiency_markdown(result))
+        if args.write_results:
+            write_results(result)
+    if not (args.json or args.markdown or args.efficiency):
         print(json.dumps(result))
 
 

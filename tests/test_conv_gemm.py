@@ -397,3 +397,22 @@ def test_packed_weight_follows_updates():
         with torch.no_grad():
             w.mul_(-2.0).add_(0.5)
     assert cg.packed_weight(w, torch.float32, False) is not pack
+
+
+def test_chain_backward_gets_no_zero_gradients(monkeypatch):
+    """zs and stats (the saved activations and statistics) take no gradient: ConvChain's backward receives None
+    for them, not zero tensors of their size that autograd would allocate and fill every step, and the
+    gradients stay right."""
+    needs_triton_here("cpu")
+    seen = []
+    backward = conv_chain.ConvChain.backward
+
+    def spy(ctx, dz, dzs, dstats):
+        seen.append((dz, dzs, dstats))
+        return backward(ctx, dz, dzs, dstats)
+
+    monkeypatch.setattr(conv_chain.ConvChain, "backward", staticmethod(spy))
+    _check_chain(_discriminator_like, (2, 3, 16, 16), 1, "cpu")
+    assert len(seen) == 1
+    dz, dzs, dstats = seen[0]
+    assert isinstance(dz, torch.Tensor) and dzs is None and dstats is None

@@ -118,7 +118,8 @@ def test_a_builder_waits_for_the_lock_then_loads_what_the_holder_built(extension
 def _broken_source_tree(tmp_path):
     """A copy of the package whose csrc/ does not compile."""
     for name in ("fastgan", "kernels", "csrc"):
-        shutil.copytree(os.path.join(ROOT, name), tmp_path / "tree" / name,
+        # symlinks=True: fastgan/csrc stays a link to the (broken) csrc/, not a copy of the good one
+        shutil.copytree(os.path.join(ROOT, name), tmp_path / "tree" / name, symlinks=True,
                         ignore=shutil.ignore_patterns("__pycache__"))
     header = tmp_path / "tree" / "csrc" / "fastgan_ext.h"
     # a missing include is fatal at once, where #error would let the compiler read on through ATen's headers

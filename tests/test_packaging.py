@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 import zipfile
 
 import pytest
@@ -79,10 +80,19 @@ def test_a_source_checkout():
     assert (kernels, csrc) == (str(ROOT / "kernels"), str(ROOT / "csrc"))
 
 
+def _build_backend(folder):
+    """pyproject.toml's build requirements installed into ``folder``, as pip's build isolation does (the test
+    environment's own setuptools may be older: a Python 3.11 venv starts with setuptools 65)."""
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(folder), *requires],
+                   check=True, capture_output=True, timeout=300)
+    return dict(os.environ, PYTHONPATH=str(folder))
+
+
 def test_an_editable_install(tmp_path):
     wheel = subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta; "
                             "print(build_meta.build_editable(sys.argv[1]))", str(tmp_path)], cwd=ROOT,
-                           capture_output=True, text=True, timeout=300)
+                           env=_build_backend(tmp_path / "backend"), capture_output=True, text=True, timeout=300)
     assert wheel.returncode == 0, wheel.stderr
     site = _unzip(tmp_path / wheel.stdout.split()[-1], tmp_path / "site")
     kernels, csrc = _check(_probe("site", site), ROOT)

@@ -21,7 +21,8 @@ from ..kernels import tiling
 from ..kernels.geometry import Geometry
 from ..ops import backends, triton_ops
 from ..ops.contract import ACTIVATIONS
-from ..ops.conv_chain import ConvChain, Link, conv_chain, conv_chain_backward, decode, encode, saved_views
+from ..ops.conv_chain import (ConvChain, Link, conv_chain, conv_chain_backward, decode, encode, last_bn_stats,
+                              saved_views)
 from ..ops.functional import bn_module_args, conv_bn_act
 from .plan import LEVELS, FusedStep, check_level
 
@@ -156,7 +157,7 @@ def _run_chain(x, chain):
                                    torch.backends.cudnn.allow_tf32, *weights, *gammas, *betas)
     last, C = chain[-1], chain[-1].conv.out_channels
     if last.bn is not None:
-        mean, invstd = stats[-5 * C:-3 * C].view(2, C)  # saved_views' layout: the last BN's stats, then its map
+        mean, invstd = last_bn_stats(stats, C)
         return triton_ops.bn_act(z, mean, invstd, last.bn.weight, last.bn.bias, True, ACTIVATIONS[last.act],
                           float(last.slope))
     if last.act != "none":

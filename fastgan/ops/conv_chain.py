@@ -87,10 +87,16 @@ def _last_format(x):
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+# The flat stats buffer holds, layer after layer, BN_ROWS x C per BN layer of C channels: its STATS_ROWS
+# (mean, invstd), then its MAP_ROWS (the next prologue's map).
+STATS_ROWS, MAP_ROWS = 2, 3
+BN_ROWS = STATS_ROWS + MAP_ROWS
+
+
 def _saved_sizes(links, shapes):
     """Elements of the flat zs and stats buffers."""
     zs = sum(N * C * H * W for N, C, H, W in shapes[:-1])
-    return zs, sum(5 * shape[1] for link, shape in zip(links, shapes) if link.bn)
+    return zs, sum(BN_ROWS * shape[1] for link, shape in zip(links, shapes) if link.bn)
 
 
 def saved_views(links, shapes, zs, stats):
@@ -103,9 +109,15 @@ def saved_views(links, shapes, zs, stats):
     for k, (link, shape) in enumerate(zip(links, shapes)):
         if link.bn:
             C = shape[1]
-            bn[k] = stats[offset:offset + 2 * C].view(2, C), stats[offset + 2 * C:offset + 5 * C].view(3, C)
-            offset += 5 * C
+            rows = stats[offset:offset + BN_ROWS * C].view(BN_ROWS, C)
+            bn[k] = rows[:STATS_ROWS], rows[STATS_ROWS:]
+            offset += BN_ROWS * C
     return views, bn
+
+
+def last_bn_stats(stats, C):
+    """The (2, C) mean/invstd of the chain's last layer, a BN of C channels: the buffer's last BN_ROWS x C."""
+    return stats[stats.numel() - BN_ROWS * C:].view(BN_ROWS, C)[:STATS_ROWS]
 
 
 # ----------------------------------------------------------------------------- the ops
@@ -208,6 +220,10 @@ def _conv_chain_backward_fake(dz, x, weights, gammas, zs, stats, layout, scalars
     return dx, dweights, *([g.new_empty(g.shape if needs[-1] else 0) for g in gammas] for _ in range(2))
 
 
+# ConvChain.apply's *weights, *gammas, *betas: after x and the 7 arguments that take no gradient.
+APPLY_PARAMS = slice(8, None)
+
+
 class ConvChain(torch.autograd.Function):
     """Autograd for conv_chain.  (torch.library registers no autograd formula for an op that mutates its
     inputs, and conv_chain updates the running stats in its finalize kernels.)
@@ -222,19 +238,23 @@ class ConvChain(torch.autograd.Function):
         z, zs, stats = conv_chain(x, list(weights), list(gammas), list(betas), running_means, running_vars, layout,
                                   scalars, allow_tf32)
         ctx.mark_non_differentiable(zs, stats)
+        # zs and stats take no gradient: autograd passes None for them instead of zero tensors of their size.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, zs, stats, *weights, *gammas)
         ctx.config = (n_weights, layout, scalars, allow_tf32)
         return z, zs, stats
 
     @staticmethod
     def backward(ctx, dz, _dzs, _dstats):
+        if dz is None:  # grads are not materialised: z took none either
+            return (None,) * len(ctx.needs_input_grad)
         n_weights, layout, scalars, allow_tf32 = ctx.config
         x, zs, stats, *params = ctx.saved_tensors
-        need_x, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[8:]
+        need_x, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[APPLY_PARAMS]
         need_w, need_bn = need_params[:n_weights], any(need_params[n_weights:])
         dx, dweights, dgammas, dbetas = conv_chain_backward(
             dz, x, params[:n_weights], params[n_weights:], zs, stats, layout, scalars,
             [int(need_x), *map(int, need_w), int(need_bn)], allow_tf32)
         grads = [*dweights, *dgammas, *dbetas]
-        return (dx if need_x else None, None, None, None, None, None, None, None,
+        return (dx if need_x else None, *[None] * (APPLY_PARAMS.start - 1),
                 *(g if need else None for g, need in zip(grads, need_params)))
