@@ -17,7 +17,7 @@ UP as [red, out], which is exactly how Conv2d and ConvTranspose2d store their we
 dw[lo, hi, kh, kw] = sum_{n, i, j} lo[n, lo, i, j] * hi[n, hi, S*i - P + kh, S*j - P + kw], where lo is the
 low-resolution side (the conv's output, the convT's input), which is w's first dimension in both cases.
 
-Operands load through a per-channel affine map and an activation (the prologue, see :class:`Operand`):
+Operands load through a per-channel affine map and an activation (the prologue, see :class:`GemmInput`):
     forward:  act(z*scale + shift), the previous layer's BN + activation; the activation never hits memory;
     backward: g*a + z*b + c, the BN backward of the layer above, from its g = dy*act' and statistics.
 Epilogues: STATS writes per-tile Welford partials (mean, M2) of the output per channel; GRAD computes
@@ -35,6 +35,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import is_fake
 import triton.language as tl
 
 from . import outputs, tiling
@@ -43,9 +44,20 @@ from .geometry import Geometry
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Prologue maps and epilogues (constexpr codes).
-PRO_NONE, PRO_FORWARD, PRO_BACKWARD = 0, 1, 2
-EPI_STORE, EPI_STATS, EPI_GRAD = 0, 1, 2
+# The kernels' vocabulary: named constexprs, compared by name in the kernels; the host passes their .value.
+PRO_NONE: tl.constexpr = tl.constexpr(0)      # the operand as stored
+PRO_FORWARD: tl.constexpr = tl.constexpr(1)   # act(t*scale + shift): the BN + activation of the layer below
+PRO_BACKWARD: tl.constexpr = tl.constexpr(2)  # g*a + z*b + c: the BN backward of the layer above, g in t, z in q
+EPI_STORE: tl.constexpr = tl.constexpr(0)     # the output only
+EPI_STATS: tl.constexpr = tl.constexpr(1)     # and the per-tile Welford partials of the output
+EPI_GRAD: tl.constexpr = tl.constexpr(2)      # g = acc*act'(z) of the layer below, and its BN backward partials
+KERNEL: tl.constexpr = tl.constexpr(4)        # DCGAN's kernels are KERNEL x KERNEL
+KERNEL_TAPS: tl.constexpr = tl.constexpr(16)  # KERNEL * KERNEL
+
+
+def _value(code):
+    """A vocabulary constexpr (or a plain int) as the int a launch passes."""
+    return getattr(code, "value", code)
 
 
 @triton.jit
@@ -63,34 +75,39 @@ def _load_operand(ptrs, q_ptrs, mask, coef_ptr, chan, chan_mask, C, slope,
                   PRO: tl.constexpr, ACT: tl.constexpr, AXIS: tl.constexpr, ACC: tl.constexpr):
     """A GEMM operand tile: act(t*u + q*v + w), (u, v, w) = coef[:, chan] with chan along AXIS of the tile.
 
-    Zero where ``mask`` is false: the convolution's zero padding applies to the activation, not to t."""
+    Zero where ``mask`` is false: the convolution's zero padding applies to the activation, not to t.  Without a
+    map the masked zeros stay zeros (every activation keeps 0), so only a mapped tile selects."""
     x = tl.load(ptrs, mask=mask, other=0.0)
-    if PRO != 0 or ACT != 0:
-        y = x.to(ACC)
-        if PRO != 0:
-            u = _channel_vec(coef_ptr, chan, chan_mask, AXIS)
-            w = _channel_vec(coef_ptr + 2 * C, chan, chan_mask, AXIS)
-            y = y * u + w
-            if PRO == 2:
-                q = tl.load(q_ptrs, mask=mask, other=0.0).to(ACC)
-                y += q * _channel_vec(coef_ptr + C, chan, chan_mask, AXIS)
-        y = _activate(y, slope, ACT)
-        x = tl.where(mask, y, 0.0).to(x.dtype)
+    if PRO != PRO_NONE:
+        y = x.to(ACC) * _channel_vec(coef_ptr, chan, chan_mask, AXIS) + _channel_vec(coef_ptr + 2 * C, chan,
+                                                                                    chan_mask, AXIS)
+        if PRO == PRO_BACKWARD:
+            q = tl.load(q_ptrs, mask=mask, other=0.0).to(ACC)
+            y += q * _channel_vec(coef_ptr + C, chan, chan_mask, AXIS)
+        x = tl.where(mask, _activate(y, slope, ACT), 0.0).to(x.dtype)
+    elif ACT != 0:
+        x = _activate(x.to(ACC), slope, ACT).to(x.dtype)
     return x
 
 
 @triton.jit
 def _conv_kernel(src_ptr, q_ptr, pro_coef_ptr, w_ptr, out_ptr, z_ptr, epi_coef_ptr, epi_stats_ptr, part_ptr,
-                 C_in, H_in, W_in, C_out, H_out, W_out, ROWS, n_parts,
-                 s_n, s_c, s_h, s_w, o_n, o_c, o_h, o_w, w_red, w_out, w_kh, w_kw, slope_in, slope_out,
+                 C_in, H_in, W_in, C_out, H_out, W_out, ROWS, n_parts, taps_per_split,
+                 s_n, s_c, s_h, s_w, o_split, o_n, o_c, o_h, o_w, w_red, w_out, w_kh, w_kw, slope_in, slope_out,
                  UP: tl.constexpr, S: tl.constexpr, P: tl.constexpr, TAPS: tl.constexpr,
                  PRO: tl.constexpr, ACT_IN: tl.constexpr, EPI: tl.constexpr, ACT_OUT: tl.constexpr,
-                 NORM_OUT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                 NORM_OUT: tl.constexpr, EVEN_K: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out = DOWN/UP(prologue(src), w), one (BLOCK_M output pixels) x (BLOCK_N channels) tile per program.
 
-    Program axis 0 runs over (sub-pixel class, row tile), ROWS output pixels per class; axis 1 over channels.
-    TAPS taps per dimension: 4 for DOWN, 4/S for UP.  q and z share the strides of src and out."""
+    Program axis 0 runs over (sub-pixel class, row tile), ROWS output pixels per class; axis 1 over channels;
+    axis 2 over splits of the K loop, taps_per_split taps each (split-K, EPI_STORE only: split s writes its
+    partial sum at out + s*o_split).  TAPS taps per dimension: KERNEL for DOWN, KERNEL/S for UP.  q and z share
+    the strides of src and out.
+    EVEN_K: BLOCK_K divides C_in (no channel mask in the K loop).
+
+    The K loop runs tap-outer, channel-inner: the tile's input rows and their validity for every tap are
+    worked out once (a bit per tap and row), so a K step moves the tile's pointers by a scalar."""
     tiles = tl.cdiv(ROWS, BLOCK_M)
     slot = tl.program_id(0)
     cls = slot // tiles
@@ -111,35 +128,62 @@ def _conv_kernel(src_ptr, q_ptr, pro_coef_ptr, w_ptr, out_ptr, z_ptr, epi_coef_p
     rest = rows - n * (grid_h * grid_w)
     i = rest // grid_w
     j = rest - i * grid_w
+    if UP:
+        # out[S*i + ph] takes the taps kh = (ph + P) mod S + S*th, from in[i + (ph + P) div S - th].
+        ih0 = i + (ph + P) // S
+        iw0 = j + (pw + P) // S
+        kh0 = (ph + P) % S
+        kw0 = (pw + P) % S
+        TAP_DIR: tl.constexpr = -1  # input pixels per tap
+        TAP_KERNEL: tl.constexpr = S  # kernel taps per tap
+    else:
+        ih0 = S * i - P
+        iw0 = S * j - P
+        kh0 = 0
+        kw0 = 0
+        TAP_DIR: tl.constexpr = 1
+        TAP_KERNEL: tl.constexpr = 1
+    tap_ok = tl.zeros([BLOCK_M], tl.int32)  # bit th*TAPS + tw: tap (th, tw) of the row reads inside the image
+    for tap_h in tl.static_range(TAPS):
+        ih = ih0 + TAP_DIR * tap_h
+        h_ok = row_mask & (ih >= 0) & (ih < H_in)
+        for tap_w in tl.static_range(TAPS):
+            iw = iw0 + TAP_DIR * tap_w
+            tap_ok |= (h_ok & (iw >= 0) & (iw < W_in)).to(tl.int32) << (tap_h * TAPS + tap_w)
+    ks = tl.arange(0, BLOCK_K)
+    a_offs = (n * s_n + ih0 * s_h + iw0 * s_w)[:, None] + (ks * s_c)[None, :]
+    a_ptrs = src_ptr + a_offs
+    q_ptrs = q_ptr + a_offs
+    b_ptrs = w_ptr + kh0 * w_kh + kw0 * w_kw + (ks * w_red)[:, None] + (cols * w_out)[None, :]
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     # One loop over (tap, channel block), so that the pipeliner overlaps loads across taps.
-    k_blocks = tl.cdiv(C_in, BLOCK_K)
-    for it in range(TAPS * TAPS * k_blocks):
-        t = it // k_blocks
-        ks = (it - t * k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
-        th = t // TAPS
-        tw = t - th * TAPS
-        if UP:
-            # out[S*i + ph] takes the taps kh = (ph + P) mod S + S*th, from in[i + (ph + P) div S - th].
-            kh = (ph + P) % S + S * th
-            kw = (pw + P) % S + S * tw
-            ih = i + (ph + P) // S - th
-            iw = j + (pw + P) // S - tw
+    tap = tl.program_id(2) * taps_per_split
+    k0 = 0
+    k_steps = taps_per_split * tl.cdiv(C_in, BLOCK_K)
+    for _ in range(k_steps):
+        th = tap // TAPS
+        tw = tap - th * TAPS
+        a_step = TAP_DIR * (th * s_h + tw * s_w) + k0 * s_c
+        b_step = TAP_KERNEL * (th * w_kh + tw * w_kw) + k0 * w_red
+        row_ok = ((tap_ok >> tap) & 1) != 0
+        chans = k0 + ks
+        if EVEN_K:
+            k_mask = ks < BLOCK_K
+            a_mask = row_ok[:, None]
+            b_mask = col_mask[None, :]
         else:
-            kh = th
-            kw = tw
-            ih = S * i - P + kh
-            iw = S * j - P + kw
-        valid = row_mask & (ih >= 0) & (ih < H_in) & (iw >= 0) & (iw < W_in)
-        k_mask = ks < C_in
-        mask = valid[:, None] & k_mask[None, :]
-        offs = (n * s_n + ih * s_h + iw * s_w)[:, None] + (ks * s_c)[None, :]
-        a = _load_operand(src_ptr + offs, q_ptr + offs, mask, pro_coef_ptr, ks, k_mask, C_in, slope_in,
+            k_mask = chans < C_in
+            a_mask = row_ok[:, None] & k_mask[None, :]
+            b_mask = k_mask[:, None] & col_mask[None, :]
+        a = _load_operand(a_ptrs + a_step, q_ptrs + a_step, a_mask, pro_coef_ptr, chans, k_mask, C_in, slope_in,
                           PRO, ACT_IN, 1, ACC)
-        b = tl.load(w_ptr + kh * w_kh + kw * w_kw + (ks * w_red)[:, None] + (cols * w_out)[None, :],
-                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs + b_step, mask=b_mask, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+        k0 += BLOCK_K
+        next_tap = k0 >= C_in
+        tap += next_tap.to(tl.int32)
+        k0 = tl.where(next_tap, 0, k0)
 
     if UP:
         oh = S * i + ph
@@ -147,15 +191,15 @@ def _conv_kernel(src_ptr, q_ptr, pro_coef_ptr, w_ptr, out_ptr, z_ptr, epi_coef_p
     else:
         oh = i
         ow = j
-    offs = (n * o_n + oh * o_h + ow * o_w)[:, None] + (cols * o_c)[None, :]
+    offs = tl.program_id(2) * o_split + (n * o_n + oh * o_h + ow * o_w)[:, None] + (cols * o_c)[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
-    if EPI == 1:
+    if EPI == EPI_STATS:
         count = tl.minimum(ROWS - tile * BLOCK_M, BLOCK_M).to(ACC)
         mean = tl.sum(tl.where(mask, acc, 0.0), 0) / count
         d = tl.where(mask, acc - mean[None, :], 0.0)
         tl.store(part_ptr + slot * C_out + cols, mean, mask=col_mask)
         tl.store(part_ptr + (n_parts + slot) * C_out + cols, tl.sum(d * d, 0), mask=col_mask)
-    elif EPI == 2:
+    elif EPI == EPI_GRAD:
         z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(ACC)
         if NORM_OUT:
             scale = tl.load(epi_coef_ptr + cols, mask=col_mask, other=0.0)
@@ -174,43 +218,66 @@ def _conv_kernel(src_ptr, q_ptr, pro_coef_ptr, w_ptr, out_ptr, z_ptr, epi_coef_p
 
 @triton.jit
 def _wgrad_kernel(lo_ptr, lo_q_ptr, lo_coef_ptr, hi_ptr, hi_q_ptr, hi_coef_ptr, dw_ptr,
-                  C_lo, H_lo, W_lo, C_hi, H_hi, W_hi, K, k_per_split,
+                  C_lo, H_lo, W_lo, C_hi, H_hi, W_hi, N, images_per_split, block_h, block_w,
                   l_n, l_c, l_h, l_w, h_n, h_c, h_h, h_w, d_split, d_lo, d_hi, slope_lo, slope_hi,
                   S: tl.constexpr, P: tl.constexpr, PRO_LO: tl.constexpr, ACT_LO: tl.constexpr,
                   PRO_HI: tl.constexpr, ACT_HI: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dw[split, lo, hi, kh, kw] = sum over this split's K = N*H_lo*W_lo positions of
-    prologue(lo)[n, lo, i, j] * prologue(hi)[n, hi, S*i - P + kh, S*j - P + kw].  Axis 2: split*16 + tap."""
+    """dw[split, lo, hi, kh, kw] = sum over this split's images n of
+    prologue(lo)[n, lo, i, j] * prologue(hi)[n, hi, S*i - P + kh, S*j - P + kw].  Axis 2: split*KERNEL_TAPS + tap.
+
+    A K step covers a block of BLOCK_K positions: BLOCK_K / (block_h*block_w) images x block_h rows x block_w
+    columns (powers of two; block_h*block_w <= BLOCK_K).  A lane's place in the block is worked out once, so a
+    K step moves three scalar block coordinates and no lane divides."""
     lo_c = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     hi_c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     lo_mask = lo_c < C_lo
     hi_mask = hi_c < C_hi
-    split = tl.program_id(2) // 16
-    tap = tl.program_id(2) % 16
-    kh = tap // 4
-    kw = tap % 4
-    k_start = split * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
+    split = tl.program_id(2) // KERNEL_TAPS
+    tap = tl.program_id(2) - split * KERNEL_TAPS
+    kh = tap // KERNEL
+    kw = tap - kh * KERNEL
+    lane = tl.arange(0, BLOCK_K)
+    block_images = BLOCK_K // (block_h * block_w)
+    lane_n = lane // (block_h * block_w)
+    lane_i = (lane // block_w) % block_h
+    lane_j = lane % block_w
+    a_ptrs = lo_ptr + (lo_c * l_c)[:, None] + (lane_n * l_n + lane_i * l_h + lane_j * l_w)[None, :]
+    a_q_ptrs = lo_q_ptr + (lo_c * l_c)[:, None] + (lane_n * l_n + lane_i * l_h + lane_j * l_w)[None, :]
+    hi_lane = lane_n * h_n + (S * lane_i - P + kh) * h_h + (S * lane_j - P + kw) * h_w
+    b_ptrs = hi_ptr + hi_lane[:, None] + (hi_c * h_c)[None, :]
+    b_q_ptrs = hi_q_ptr + hi_lane[:, None] + (hi_c * h_c)[None, :]
+    n_start = split * images_per_split
+    n_end = tl.minimum(n_start + images_per_split, N)
+    blocks_h = tl.cdiv(H_lo, block_h)
+    blocks_w = tl.cdiv(W_lo, block_w)
+    k_steps = tl.cdiv(n_end - n_start, block_images) * blocks_h * blocks_w
+    n0 = n_start
+    i0 = 0
+    j0 = 0
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        r = k0 + tl.arange(0, BLOCK_K)
-        r_mask = r < k_end
-        n = r // (H_lo * W_lo)
-        rest = r - n * (H_lo * W_lo)
-        i = rest // W_lo
-        j = rest - i * W_lo
-        a_mask = lo_mask[:, None] & r_mask[None, :]
-        a_offs = (lo_c * l_c)[:, None] + (n * l_n + i * l_h + j * l_w)[None, :]
-        a = _load_operand(lo_ptr + a_offs, lo_q_ptr + a_offs, a_mask, lo_coef_ptr, lo_c, lo_mask, C_lo, slope_lo,
-                          PRO_LO, ACT_LO, 0, ACC)
+    for _ in range(k_steps):
+        i = i0 + lane_i
+        j = j0 + lane_j
         hh = S * i - P + kh
         hw = S * j - P + kw
-        valid = r_mask & (hh >= 0) & (hh < H_hi) & (hw >= 0) & (hw < W_hi)
-        b_mask = valid[:, None] & hi_mask[None, :]
-        b_offs = (n * h_n + hh * h_h + hw * h_w)[:, None] + (hi_c * h_c)[None, :]
-        b = _load_operand(hi_ptr + b_offs, hi_q_ptr + b_offs, b_mask, hi_coef_ptr, hi_c, hi_mask, C_hi, slope_hi,
-                          PRO_HI, ACT_HI, 1, ACC)
+        lo_ok = (n0 + lane_n < n_end) & (i < H_lo) & (j < W_lo)
+        hi_ok = lo_ok & (hh >= 0) & (hh < H_hi) & (hw >= 0) & (hw < W_hi)
+        lo_step = n0 * l_n + i0 * l_h + j0 * l_w
+        hi_step = n0 * h_n + S * (i0 * h_h + j0 * h_w)
+        a = _load_operand(a_ptrs + lo_step, a_q_ptrs + lo_step, lo_mask[:, None] & lo_ok[None, :], lo_coef_ptr,
+                          lo_c, lo_mask, C_lo, slope_lo, PRO_LO, ACT_LO, 0, ACC)
+        b = _load_operand(b_ptrs + hi_step, b_q_ptrs + hi_step, hi_ok[:, None] & hi_mask[None, :], hi_coef_ptr,
+                          hi_c, hi_mask, C_hi, slope_hi, PRO_HI, ACT_HI, 1, ACC)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+        # The next block: along the row, then down the image, then the next images.
+        j0 += block_w
+        row_done = j0 >= W_lo
+        j0 = tl.where(row_done, 0, j0)
+        i0 += tl.where(row_done, block_h, 0)
+        image_done = i0 >= H_lo
+        i0 = tl.where(image_done, 0, i0)
+        n0 += tl.where(image_done, block_images, 0)
     offs = split * d_split + (lo_c * d_lo)[:, None] + (hi_c * d_hi)[None, :] + tap
     tl.store(dw_ptr + offs, acc, mask=lo_mask[:, None] & hi_mask[None, :])
 
@@ -302,7 +369,7 @@ def _config(tile, names):
 
 
 def _operand(pro, act):
-    return tiling.Operand(2 if pro == PRO_BACKWARD else 1, pro != PRO_NONE or act != 0)
+    return tiling.Operand(2 if pro == PRO_BACKWARD else 1, bool(pro != PRO_NONE or act != 0))
 
 
 def _no_tile(what, dtype):
@@ -360,8 +427,8 @@ def _autotuned(kernel, tiles, names, key, prune):
 
 
 _CONV_KEY = ["C_in", "H_in", "W_in", "C_out", "ROWS", "UP", "S", "PRO", "ACT_IN", "EPI", "PRECISION", "BLOCK_M"]
-_WGRAD_KEY = ["C_lo", "C_hi", "K", "k_per_split", "S", "PRO_LO", "ACT_LO", "PRO_HI", "ACT_HI", "PRECISION",
-              "BLOCK_M", "BLOCK_N"]
+_WGRAD_KEY = ["C_lo", "C_hi", "N", "H_lo", "W_lo", "images_per_split", "S", "PRO_LO", "ACT_LO", "PRO_HI", "ACT_HI",
+              "PRECISION", "BLOCK_M", "BLOCK_N"]
 
 # FASTGAN_AUTOTUNE=1: benchmark every tile that fits on the first call per shape (triton keeps the winners in
 # its cache directory).  Otherwise a launch compiles one tile, the first candidate.
@@ -384,11 +451,41 @@ def _launch(kernel, tuned, grid, tile, names, args, meta):
                                     num_stages=config.num_stages)
 
 
+_MIN_BLOCK_K = 16  # tiling.block_k's floor: the smallest BLOCK_K of any candidate
+
+
 def _block_m(rows):
     """Output pixels per conv tile (fixed by the host: the statistics partials are laid out by it)."""
     if INTERPRETED:
         return min(1024, max(16, triton.next_power_of_2(rows)))  # few, large programs: the interpreter pays per op
     return 128 if rows >= 8192 else 64
+
+
+def _conv_splits(programs, taps, epilogue, device):
+    """Splits of a conv's K loop (a power of two dividing its taps): enough for a wave where the grid is below
+    one and every split keeps 1 tap at least (D's last conv, 512x4x4 -> 1, is 2 programs at B=128).  Only an
+    EPI_STORE epilogue splits: the others need the whole sum."""
+    splits = 1
+    if epilogue == EPI_STORE:
+        while splits < taps and 2 * splits * programs <= _sm_count(device):
+            splits *= 2
+    return splits
+
+
+_workspaces = {}  # (device, dtype): the split-K partial sums' buffer, grown on demand and reused by every launch
+
+
+def _workspace(numel, dtype, device):
+    """A reused buffer of at least ``numel`` elements (a fresh one for fake tensors, which cannot be kept).  Its
+    contents live until the next split launch on the device: callers reduce it before returning."""
+    if is_fake(torch.empty(0, device=device)):
+        return torch.empty(numel, device=device, dtype=dtype)
+    key = (str(device), dtype)
+    buf = _workspaces.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _workspaces[key] = torch.empty(numel, device=device, dtype=dtype)
+    buf = buf[:numel]
+    return buf.fill_(float("nan")) if outputs.POISON_OUTPUTS else buf
 
 
 def _sm_count(device):
@@ -398,7 +495,7 @@ def _sm_count(device):
 
 # ----------------------------------------------------------------------------- launch helpers
 
-class Operand(NamedTuple):
+class GemmInput(NamedTuple):
     """A tensor as a GEMM loads it: act(t*u + q*v + w) per channel, (u, v, w) = coef[:, c].
 
     t: (N, C, H, W), any strides.  coef: (3, C) in the accumulation dtype, or None for no affine map.
@@ -435,16 +532,45 @@ def _tl_acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _even(channels):
+    """Whether every candidate BLOCK_K divides ``channels`` (a power of two >= 16: BLOCK_K is one, between 16
+    and the channel count)."""
+    return channels >= 16 and channels & (channels - 1) == 0
+
+
 def _precision(dtype, allow_tf32):
     # Only fp32 operands read this: "ieee" is exact fp32, "tf32" (tl.dot's default) uses TF32 tensor cores.
     return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
 
 
+_PACK_CACHE = 64  # packed weights kept: a DCGAN step packs 20 (each conv weight for its forward and its dgrad)
+_packs = {}
+
+
+def packed_weight(weight, dtype, up):
+    """``weight`` as the conv GEMM reads it: (KERNEL, KERNEL, out, red) contiguous in ``dtype`` (K-major B
+    tiles, cast once), where DOWN reads weight as [out, red, kh, kw] and UP as [red, out, kh, kw].
+
+    Cached per weight tensor and version counter: a training step packs each weight once per use (forward,
+    dgrad) however many times it runs the layer, and an in-place update (the optimizer's) packs anew."""
+    permuted = weight.permute(2, 3, 0, 1) if not up else weight.permute(2, 3, 1, 0)
+    if weight.is_inference():  # no version counter to key a cache on
+        return permuted.to(dtype, memory_format=torch.contiguous_format)
+    key = (id(weight), dtype, up)
+    entry = _packs.get(key)
+    if entry is None or entry[0] is not weight or entry[1] != weight._version:
+        if len(_packs) >= _PACK_CACHE:
+            del _packs[next(iter(_packs))]
+        # The entry holds the weight itself: its id cannot be reused by another tensor while cached.
+        entry = _packs[key] = (weight, weight._version, permuted.to(dtype, memory_format=torch.contiguous_format))
+    return entry[2]
+
+
 def conv(src, weight, geometry, out, epilogue=EPI_STORE, below=None, allow_tf32=True):
     """out = DOWN/UP(src, weight) with src loaded through its prologue; returns the epilogue's Partials.
 
-    src: Operand (N, C_in, H, W); weight: (C_out, C_in, 4, 4) for DOWN, (C_in, C_out, 4, 4) for UP, of
-    src's dtype; out: (N, C_out, H', W') preallocated, any strides.  epilogue: EPI_STORE (no partials),
+    src: GemmInput (N, C_in, H, W); weight: (C_out, C_in, 4, 4) for DOWN, (C_in, C_out, 4, 4) for UP, any
+    dtype (packed into src's by :func:`packed_weight`); out: (N, C_out, H', W') preallocated, any strides.  epilogue: EPI_STORE (no partials),
     EPI_STATS (Welford partials of out), or EPI_GRAD: ``below`` = (z, stats, coef, act, slope) of the layer
     whose output ``out`` is the gradient of; out becomes g = acc*act'(z*scale + shift) and the partials are
     (sum(g), sum(g*xhat)) when stats is not None (a BN layer), absent otherwise."""
@@ -461,20 +587,29 @@ def conv(src, weight, geometry, out, epilogue=EPI_STORE, below=None, allow_tf32=
     normalize = epilogue == EPI_STATS or (epilogue == EPI_GRAD and below[1] is not None)
     parts = outputs.empty((2, n_parts, C_out), device=x.device, dtype=_acc_dtype(x.dtype)) if normalize else out
     z, stats, coef, act, slope = below if epilogue == EPI_GRAD else (out, None, None, 0, 0.0)
-    # DOWN reads the weight as [out, red, kh, kw] (Conv2d's layout), UP as [red, out, kh, kw] (ConvTranspose2d's).
-    w_red, w_out = (weight.stride(0), weight.stride(1)) if geometry.up else (weight.stride(1), weight.stride(0))
+    w = packed_weight(weight, x.dtype, geometry.up)
+    w_kh, w_kw, w_out, w_red = w.stride()
     precision = _precision(x.dtype, allow_tf32)
-    grid = lambda meta: (n_parts, triton.cdiv(C_out, meta["BLOCK_N"]))  # noqa: E731
     if INTERPRETED:  # the interpreter runs programs one at a time in numpy: few, large ones
         tile = tiling.Tile(block_m, 16, 16, 4, 1)
     else:
         tile = _conv_candidates(x, C_in, C_out, block_m, n_parts, src.pro, src.act, precision)[0]
+    taps = (KERNEL.value // S if geometry.up else KERNEL.value) ** 2
+    splits = _conv_splits(n_parts * triton.cdiv(C_out, tile.block_n), taps, epilogue, x.device)
+    target = out
+    if splits > 1:  # fp32 partial sums, added in split order below
+        target = _workspace(splits * out.numel(), _acc_dtype(x.dtype), x.device).view(splits, *out.shape)
+    grid = lambda meta: (n_parts, triton.cdiv(C_out, meta["BLOCK_N"]), splits)  # noqa: E731
     _launch(_conv_kernel, _conv_tuned, grid, tile, _CONV_TILE, (
-        *src.args(), weight, out, z, out if coef is None else coef, out if stats is None else stats, parts,
-        C_in, H_in, W_in, C_out, H_out, W_out, rows, n_parts,
-        *x.stride(), *out.stride(), w_red, w_out, weight.stride(2), weight.stride(3), src.slope, slope), dict(
-        UP=geometry.up, S=S, P=P, TAPS=4 // S if geometry.up else 4, PRO=src.pro, ACT_IN=src.act, EPI=epilogue,
-        ACT_OUT=act, NORM_OUT=stats is not None, ACC=_tl_acc(x.dtype), PRECISION=precision, BLOCK_M=block_m))
+        *src.args(), w, target, z, out if coef is None else coef, out if stats is None else stats, parts,
+        C_in, H_in, W_in, C_out, H_out, W_out, rows, n_parts, taps // splits,
+        *x.stride(), *(target.stride() if splits > 1 else (0, *out.stride())), w_red, w_out, w_kh, w_kw,
+        src.slope, slope), dict(
+        UP=geometry.up, S=S, P=P, TAPS=KERNEL.value // S if geometry.up else KERNEL.value, PRO=_value(src.pro),
+        ACT_IN=src.act, EPI=_value(epilogue), ACT_OUT=act, NORM_OUT=stats is not None, EVEN_K=_even(C_in),
+        ACC=_tl_acc(x.dtype), PRECISION=precision, BLOCK_M=block_m))
+    if splits > 1:
+        out.copy_(target.sum(0))  # a fixed order: deterministic
     return Partials(parts, rows, block_m, rows * classes) if normalize else None
 
 
@@ -488,27 +623,38 @@ def wgrad(lo, hi, geometry, allow_tf32=True):
     C_hi, H_hi, W_hi = h.shape[1:]
     for name, t in (("lo", l), ("hi", h)):
         outputs.check_int32("conv_gemm", name, t)
-    K = N * H_lo * W_lo
     precision = _precision(l.dtype, allow_tf32)
     if INTERPRETED:
         tile = tiling.Tile(16, 16, 1024, 4, 1)
     else:
         tile = _wgrad_candidates(l, C_lo, C_hi, lo.pro, lo.act, hi.pro, hi.act, precision)[0]
     block_m, block_n = tile.block_m, tile.block_n
-    tiles = 16 * triton.cdiv(C_lo, block_m) * triton.cdiv(C_hi, block_n)
-    # Split K so that the grid fills the device twice over, in steps of 256 positions.
-    splits = max(1, min(triton.cdiv(K, 256), triton.cdiv(2 * _sm_count(l.device), tiles)))
-    k_per_split = triton.cdiv(triton.cdiv(K, splits), 256) * 256
-    splits = triton.cdiv(K, k_per_split)
-    dw = outputs.empty((splits, C_lo, C_hi, 16), device=l.device, dtype=_acc_dtype(l.dtype))
-    grid = (triton.cdiv(C_lo, block_m), triton.cdiv(C_hi, block_n), 16 * splits)
+    tiles = KERNEL_TAPS.value * triton.cdiv(C_lo, block_m) * triton.cdiv(C_hi, block_n)
+    # K steps of BLOCK_K positions: blocks of whole rows where they fit the smallest BLOCK_K (16), then images.
+    block_w = min(triton.next_power_of_2(W_lo), _MIN_BLOCK_K)
+    block_h = min(triton.next_power_of_2(H_lo), _MIN_BLOCK_K // block_w)
+    # Split K (by images) so that the grid fills the device twice over, each split 256 positions at least.
+    splits = max(1, min(triton.cdiv(N * H_lo * W_lo, 256), triton.cdiv(2 * _sm_count(l.device), tiles), N))
+    images_per_split = triton.cdiv(N, splits)
+    splits = triton.cdiv(N, images_per_split)
+    shape = (splits, C_lo, C_hi, KERNEL_TAPS.value)
+    if splits > 1:  # partial sums, added in split order below
+        dw = _workspace(C_lo * C_hi * KERNEL_TAPS.value * splits, _acc_dtype(l.dtype), l.device).view(shape)
+    else:
+        dw = outputs.empty(shape, device=l.device, dtype=_acc_dtype(l.dtype))
+    grid = (triton.cdiv(C_lo, block_m), triton.cdiv(C_hi, block_n), KERNEL_TAPS.value * splits)
     _launch(_wgrad_kernel, _wgrad_tuned, lambda meta: grid, tile, _WGRAD_TILE, (
-        *lo.args(), *hi.args(), dw, C_lo, H_lo, W_lo, C_hi, H_hi, W_hi, K, k_per_split,
+        *lo.args(), *hi.args(), dw, C_lo, H_lo, W_lo, C_hi, H_hi, W_hi, N, images_per_split, block_h, block_w,
         *l.stride(), *h.stride(), *dw.stride()[:3], lo.slope, hi.slope), dict(
-        S=geometry.stride, P=geometry.padding, PRO_LO=lo.pro, ACT_LO=lo.act, PRO_HI=hi.pro, ACT_HI=hi.act,
-        ACC=_tl_acc(l.dtype), PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n))
-    dw = dw[0] if splits == 1 else dw.sum(0)
-    return dw.view(C_lo, C_hi, 4, 4)
+        S=geometry.stride, P=geometry.padding, PRO_LO=_value(lo.pro), ACT_LO=lo.act, PRO_HI=_value(hi.pro),
+        ACT_HI=hi.act, ACC=_tl_acc(l.dtype), PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n))
+    dw = dw[0] if splits == 1 else dw.sum(0)  # a fixed order: deterministic
+    return dw.view(C_lo, C_hi, KERNEL.value, KERNEL.value)
+
+
+# The finalize kernels read the partials 128 rows x 16 channels at a time: the rows in parallel, 8x fewer serial
+# iterations than 32 x 32 (1024 partial rows of G's last BN layer: 8), and twice the programs.
+_FINALIZE_P, _FINALIZE_C = 128, 16
 
 
 def finalize_stats(partials, weight, bias, running_mean, running_var, momentum, eps, out=None):
@@ -523,12 +669,12 @@ def finalize_stats(partials, weight, bias, running_mean, running_var, momentum, 
             outputs.empty((3, C), device=parts.device, dtype=parts.dtype)
     stats, coef = out
     affine, update = weight is not None, running_mean is not None
-    _finalize_stats_kernel[(triton.cdiv(C, 32),)](
+    _finalize_stats_kernel[(triton.cdiv(C, _FINALIZE_C),)](
         parts, stats, coef, weight if affine else stats, bias if affine else stats,
         running_mean if update else stats, running_var if update else stats,
         C, partials.rows, parts.shape[1], momentum, eps,
         AFFINE=affine, UPDATE_RUNNING=update, ACC=_tl_acc(parts.dtype), TILE_ROWS=partials.tile_rows,
-        BLOCK_P=32, BLOCK_C=32)
+        BLOCK_P=_FINALIZE_P, BLOCK_C=_FINALIZE_C)
     return stats, coef
 
 
@@ -540,7 +686,7 @@ def finalize_grad(partials, stats, weight):
     sums = outputs.empty((2, C), device=parts.device, dtype=parts.dtype)
     coef = outputs.empty((3, C), device=parts.device, dtype=parts.dtype)
     affine = weight is not None
-    _finalize_grad_kernel[(triton.cdiv(C, 32),)](
+    _finalize_grad_kernel[(triton.cdiv(C, _FINALIZE_C),)](
         parts, stats, weight if affine else stats, sums, coef, C, parts.shape[1], float(partials.count),
-        AFFINE=affine, BLOCK_P=32, BLOCK_C=32)
+        AFFINE=affine, BLOCK_P=_FINALIZE_P, BLOCK_C=_FINALIZE_C)
     return sums, coef

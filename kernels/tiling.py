@@ -144,10 +144,16 @@ def conv_candidates(block_m, c_in, c_out, g, device):
     return [t for t in tiles if fits(t, g, device)]
 
 
+# A grid fills the device from this fraction of one wave on: 128 programs on 132 SMs run as one wave with 4 SMs
+# idle, where the next smaller tile would run twice the programs at half the tensor-core work per K step.
+WAVE_FILL = 0.95
+
+
 def pick_conv(candidates, programs_of, device):
-    """The first candidate whose grid fills the device, else the one with the most programs."""
+    """The first candidate (the largest tile) whose grid fills at least a wave (WAVE_FILL), else the one with the
+    most programs."""
     for tile in candidates:
-        if programs_of(tile) >= device.sms:
+        if programs_of(tile) >= WAVE_FILL * device.sms:
             return tile
     return max(candidates, key=programs_of)
 

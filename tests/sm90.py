@@ -153,13 +153,15 @@ def work(kernel, args):
         return dict(label=f"{'convT' if a['UP'] else 'conv'} s{a['S']} {a['C_in']}->{a['C_out']} "
                           f"{a['H_in']}x{a['W_in']}->{a['H_out']}x{a['W_out']}",
                     flops=2 * a["ROWS"] * classes * a["C_out"] * a["C_in"] * taps * taps,
-                    iterations=taps * taps * triton.cdiv(a["C_in"], a["BLOCK_K"]), contiguous=contiguous or "-",
+                    iterations=a["taps_per_split"] * triton.cdiv(a["C_in"], a["BLOCK_K"]), contiguous=contiguous or "-",
                     end_layer=bool({a["C_in"], a["C_out"]} & set(END_CHANNELS)))
     if kernel == "_wgrad_kernel":
         contiguous = "A" * (a["l_c"] == 1) + "B" * (a["h_c"] == 1)
         return dict(label=f"wgrad s{a['S']} {a['C_lo']}x{a['C_hi']} {a['H_lo']}x{a['W_lo']}<-{a['H_hi']}x{a['W_hi']}",
-                    flops=2 * a["C_lo"] * a["C_hi"] * 16 * a["K"],
-                    iterations=triton.cdiv(min(a["k_per_split"], a["K"]), a["BLOCK_K"]), contiguous=contiguous or "-",
+                    flops=2 * a["C_lo"] * a["C_hi"] * 16 * a["N"] * a["H_lo"] * a["W_lo"],
+                    iterations=(triton.cdiv(a["images_per_split"], a["BLOCK_K"] // (a["block_h"] * a["block_w"]))
+                                * triton.cdiv(a["H_lo"], a["block_h"]) * triton.cdiv(a["W_lo"], a["block_w"])),
+                    contiguous=contiguous or "-",
                     end_layer=bool({a["C_lo"], a["C_hi"]} & set(END_CHANNELS)))
     if kernel in REDUCTIONS:
         return dict(label=f"N={a['N']} C={a['C']} L={a['L']}", flops=0, iterations=a["tiles_per_split"])

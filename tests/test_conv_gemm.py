@@ -72,7 +72,7 @@ def test_conv_kernels(name, dtype, device):
     stats_below = torch.stack([mean, torch.rsqrt(var + eps)])
     scale = gamma * stats_below[1]
     coef_below = torch.stack([scale, torch.zeros_like(scale), beta - mean * scale])
-    activation = cg.Operand(z, coef_below, act=code, slope=slope)
+    activation = cg.GemmInput(z, coef_below, act=code, slope=slope)
 
     out = torch.full(out_ref.shape, float("nan"), dtype=dtype, device=device)
     partials = cg.conv(activation, w, geometry, out, cg.EPI_STATS, allow_tf32=False)
@@ -88,7 +88,7 @@ def test_conv_kernels(name, dtype, device):
     assert_close(running[1], expected_running[1], mode, "running_var")
 
     g = torch.full_like(z, float("nan"))
-    partials = cg.conv(cg.Operand(dy), w, geometry.transposed(), g, cg.EPI_GRAD,
+    partials = cg.conv(cg.GemmInput(dy), w, geometry.transposed(), g, cg.EPI_GRAD,
                        below=(z, stats_below, coef_below, code, slope), allow_tf32=False)
     sums, back = cg.finalize_grad(partials, stats_below, gamma)
     assert_close(sums[0], beta_ref.grad, mode, "dbeta", grad=True)
@@ -97,7 +97,7 @@ def test_conv_kernels(name, dtype, device):
     dz = back[0, :, None, None] * g.float() + back[1, :, None, None] * z.float() + back[2, :, None, None]
     assert_close(dz, z_ref.grad, mode, "dz", grad=True)
 
-    lo, hi = (activation, cg.Operand(dy)) if up else (cg.Operand(dy), activation)
+    lo, hi = (activation, cg.GemmInput(dy)) if up else (cg.GemmInput(dy), activation)
     assert_close(cg.wgrad(lo, hi, geometry, allow_tf32=False), w_ref.grad, mode, "dweight", grad=True)
 
 
@@ -380,6 +380,27 @@ def test_chain_bf16_autocast_gpu():
     assert all(v.dtype == torch.float32 for k, v in got.items() if k.endswith(".grad"))
     for key, value in exact.items():
         assert_as_close_as_torch(got[key], torch_bf16[key], value, "bf16", key)
+
+
+def test_packed_weight_follows_updates():
+    """The conv packs a weight once per version counter: repeated forwards reuse the pack, and an in-place
+    update (an optimizer step) is seen by the next launch."""
+    needs_triton_here("cpu")
+    from fastgan.kernels import conv_gemm as cg
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = _randn(gen, 2, 16, 4, 4), _randn(gen, 4, 16, 4, 4, scale=0.3)
+    geometry = cg.Geometry(False, 2, 1)
+    pack = cg.packed_weight(w, torch.float32, False)
+    assert cg.packed_weight(w, torch.float32, False) is pack
+    torch.testing.assert_close(pack, w.permute(2, 3, 0, 1), rtol=0, atol=0)
+    for _ in range(2):
+        out = torch.full((2, 4, 2, 2), float("nan"))
+        cg.conv(cg.GemmInput(x), w, geometry, out, allow_tf32=False)
+        assert_close(out, F.conv2d(x, w, stride=2, padding=1), "fp32", "conv output")
+        with torch.no_grad():
+            w.mul_(-2.0).add_(0.5)
+    assert cg.packed_weight(w, torch.float32, False) is not pack
 
 
 def test_chain_backward_gets_no_zero_gradients(monkeypatch):

@@ -42,8 +42,10 @@ def test_pick_fills_the_device():
     tiles = tiling.conv_candidates(64, 512, 512, g, tiling.SM90)
     assert tiles[0].block_n == 128
     assert tiling.pick_conv(tiles, lambda t: 10**6 // t.block_n, tiling.SM90) == tiles[0]
-    # 32 row tiles: 128-wide column tiles make 128 programs (SMs idle), 64-wide ones 256.
-    assert tiling.pick_conv(tiles, lambda t: 32 * (512 // t.block_n), tiling.SM90).block_n == 64
+    # 32 row tiles: 128-wide column tiles make 128 programs, 0.97 of a wave of 132 SMs: that fills it.
+    assert tiling.pick_conv(tiles, lambda t: 32 * (512 // t.block_n), tiling.SM90).block_n == 128
+    # 16 row tiles: 64 programs at 128 wide (half a wave), 128 at 64 wide.
+    assert tiling.pick_conv(tiles, lambda t: 16 * (512 // t.block_n), tiling.SM90).block_n == 64
     assert tiling.pick_conv(tiles, lambda t: 512 // t.block_n, tiling.SM90).block_n == 16  # none fills: most
 
 

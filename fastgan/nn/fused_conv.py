@@ -128,10 +128,12 @@ def _run_chain(x, chain):
         return x
     weights = [layer.conv.weight for layer in chain]
     dtype = _chain_dtype(x)
+    # Under autocast the weights stay in their dtype: the kernels cast and pack each once per version.
+    weight_dtypes = {dtype}
     if torch.is_autocast_enabled(x.device.type):
-        x, weights = x.to(dtype), [w.to(dtype) for w in weights]
+        x, weight_dtypes = x.to(dtype), {dtype, torch.float32}
     for i, w in enumerate(weights):
-        if w.dtype != dtype or w.device != x.device:
+        if w.dtype not in weight_dtypes or w.device != x.device:
             raise ValueError(f"layer {i} of the chain has {w.dtype} weights on {w.device} but its input is {dtype} "
                              f"on {x.device}; convert the model and the input to one dtype and device")
     links, gammas, betas, running_means, running_vars = [], [], [], [], []

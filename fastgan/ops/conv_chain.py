@@ -137,7 +137,7 @@ def conv_chain(x: Tensor, weights: list[Tensor], gammas: list[Tensor], betas: li
         z_views, bn = saved_views(links, shapes, zs, stats)
         z_views.append(outputs.empty(shapes[-1], device=x.device, dtype=x.dtype, memory_format=_last_format(x)))
         gammas, betas, running_means, running_vars = map(iter, (gammas, betas, running_means, running_vars))
-        src = cg.Operand(x)
+        src = cg.GemmInput(x)
         for k, (link, weight, z) in enumerate(zip(links, weights, z_views)):
             partials = cg.conv(src, weight, link.geometry, z, cg.EPI_STATS if link.bn else cg.EPI_STORE,
                                allow_tf32=allow_tf32)
@@ -146,7 +146,7 @@ def conv_chain(x: Tensor, weights: list[Tensor], gammas: list[Tensor], betas: li
                 gamma, beta = (next(gammas), next(betas)) if link.affine else (None, None)
                 running = (next(running_means), next(running_vars)) if link.track else (None, None)
                 coef = cg.finalize_stats(partials, gamma, beta, *running, link.momentum, link.eps, out=bn[k])[1]
-            src = cg.Operand(z, coef, act=link.act, slope=link.slope)
+            src = cg.GemmInput(z, coef, act=link.act, slope=link.slope)
         return z_views[-1], zs, stats
 
 
@@ -178,14 +178,14 @@ def conv_chain_backward(dz: Tensor, x: Tensor, weights: list[Tensor], gammas: li
         def activation(k):
             """Link k's output as the next layer loads it (forward prologue)."""
             if k < 0:
-                return cg.Operand(x)
+                return cg.GemmInput(x)
             coef = bn[k][1] if links[k].bn else None
-            return cg.Operand(zs[k], coef, act=links[k].act, slope=links[k].slope)
+            return cg.GemmInput(zs[k], coef, act=links[k].act, slope=links[k].slope)
 
         dx = x.new_empty(0)
         dweights = [w.new_empty(0) for w in weights]
         dgammas, dbetas = [g.new_empty(0) for g in gammas], [g.new_empty(0) for g in gammas]
-        grad = cg.Operand(dz)
+        grad = cg.GemmInput(dz)
         for k in reversed(range(len(links))):
             link, weight = links[k], weights[k]
             if need_w[k]:
@@ -207,9 +207,9 @@ def conv_chain_backward(dz: Tensor, x: Tensor, weights: list[Tensor], gammas: li
                 if below.affine:
                     i = affine.index(k - 1)
                     dbetas[i], dgammas[i] = (row.to(gammas[i].dtype, copy=True) for row in sums)
-                grad = cg.Operand(g, back, q=z_below)
+                grad = cg.GemmInput(g, back, q=z_below)
             else:
-                grad = cg.Operand(g)
+                grad = cg.GemmInput(g)
         return dx, dweights, dgammas, dbetas
 
 
