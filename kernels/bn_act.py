@@ -30,6 +30,7 @@ import triton.language as tl
 
 from . import activations, outputs, tiling
 
+NO_ACTIVATION = tl.constexpr(activations.NONE)
 RELU = tl.constexpr(activations.RELU)
 LEAKY_RELU = tl.constexpr(activations.LEAKY_RELU)  # pre * slope below zero
 TANH = tl.constexpr(activations.TANH)

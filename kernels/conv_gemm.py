@@ -39,7 +39,7 @@ from torch._subclasses.fake_tensor import is_fake
 import triton.language as tl
 
 from . import outputs, tiling
-from .bn_act import _activate, _activation_grad, update_running_stats
+from .bn_act import NO_ACTIVATION, _activate, _activation_grad, update_running_stats
 from .geometry import Geometry
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -85,7 +85,7 @@ def _load_operand(ptrs, q_ptrs, mask, coef_ptr, chan, chan_mask, C, slope,
             q = tl.load(q_ptrs, mask=mask, other=0.0).to(ACC)
             y += q * _channel_vec(coef_ptr + C, chan, chan_mask, AXIS)
         x = tl.where(mask, _activate(y, slope, ACT), 0.0).to(x.dtype)
-    elif ACT != 0:
+    elif ACT != NO_ACTIVATION:
         x = _activate(x.to(ACC), slope, ACT).to(x.dtype)
     return x
 
@@ -524,14 +524,6 @@ class Partials(NamedTuple):
     count: int      # output pixels in all, n of the statistics
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _even(channels):
     """Whether every candidate BLOCK_K divides ``channels`` (a power of two >= 16: BLOCK_K is one, between 16
     and the channel count)."""
@@ -585,7 +577,7 @@ def conv(src, weight, geometry, out, epilogue=EPI_STORE, below=None, allow_tf32=
     block_m = _block_m(rows)
     n_parts = classes * triton.cdiv(rows, block_m)
     normalize = epilogue == EPI_STATS or (epilogue == EPI_GRAD and below[1] is not None)
-    parts = outputs.empty((2, n_parts, C_out), device=x.device, dtype=_acc_dtype(x.dtype)) if normalize else out
+    parts = outputs.empty((2, n_parts, C_out), device=x.device, dtype=outputs.accumulator_dtype(x.dtype)) if normalize else out
     z, stats, coef, act, slope = below if epilogue == EPI_GRAD else (out, None, None, 0, 0.0)
     w = packed_weight(weight, x.dtype, geometry.up)
     w_kh, w_kw, w_out, w_red = w.stride()
@@ -598,7 +590,7 @@ def conv(src, weight, geometry, out, epilogue=EPI_STORE, below=None, allow_tf32=
     splits = _conv_splits(n_parts * triton.cdiv(C_out, tile.block_n), taps, epilogue, x.device)
     target = out
     if splits > 1:  # fp32 partial sums, added in split order below
-        target = _workspace(splits * out.numel(), _acc_dtype(x.dtype), x.device).view(splits, *out.shape)
+        target = _workspace(splits * out.numel(), outputs.accumulator_dtype(x.dtype), x.device).view(splits, *out.shape)
     grid = lambda meta: (n_parts, triton.cdiv(C_out, meta["BLOCK_N"]), splits)  # noqa: E731
     _launch(_conv_kernel, _conv_tuned, grid, tile, _CONV_TILE, (
         *src.args(), w, target, z, out if coef is None else coef, out if stats is None else stats, parts,
@@ -607,7 +599,7 @@ def conv(src, weight, geometry, out, epilogue=EPI_STORE, below=None, allow_tf32=
         src.slope, slope), dict(
         UP=geometry.up, S=S, P=P, TAPS=KERNEL.value // S if geometry.up else KERNEL.value, PRO=_value(src.pro),
         ACT_IN=src.act, EPI=_value(epilogue), ACT_OUT=act, NORM_OUT=stats is not None, EVEN_K=_even(C_in),
-        ACC=_tl_acc(x.dtype), PRECISION=precision, BLOCK_M=block_m))
+        ACC=outputs.triton_accumulator(x.dtype), PRECISION=precision, BLOCK_M=block_m))
     if splits > 1:
         out.copy_(target.sum(0))  # a fixed order: deterministic
     return Partials(parts, rows, block_m, rows * classes) if normalize else None
@@ -639,15 +631,15 @@ def wgrad(lo, hi, geometry, allow_tf32=True):
     splits = triton.cdiv(N, images_per_split)
     shape = (splits, C_lo, C_hi, KERNEL_TAPS.value)
     if splits > 1:  # partial sums, added in split order below
-        dw = _workspace(C_lo * C_hi * KERNEL_TAPS.value * splits, _acc_dtype(l.dtype), l.device).view(shape)
+        dw = _workspace(C_lo * C_hi * KERNEL_TAPS.value * splits, outputs.accumulator_dtype(l.dtype), l.device).view(shape)
     else:
-        dw = outputs.empty(shape, device=l.device, dtype=_acc_dtype(l.dtype))
+        dw = outputs.empty(shape, device=l.device, dtype=outputs.accumulator_dtype(l.dtype))
     grid = (triton.cdiv(C_lo, block_m), triton.cdiv(C_hi, block_n), KERNEL_TAPS.value * splits)
     _launch(_wgrad_kernel, _wgrad_tuned, lambda meta: grid, tile, _WGRAD_TILE, (
         *lo.args(), *hi.args(), dw, C_lo, H_lo, W_lo, C_hi, H_hi, W_hi, N, images_per_split, block_h, block_w,
         *l.stride(), *h.stride(), *dw.stride()[:3], lo.slope, hi.slope), dict(
         S=geometry.stride, P=geometry.padding, PRO_LO=_value(lo.pro), ACT_LO=lo.act, PRO_HI=_value(hi.pro),
-        ACT_HI=hi.act, ACC=_tl_acc(l.dtype), PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n))
+        ACT_HI=hi.act, ACC=outputs.triton_accumulator(l.dtype), PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n))
     dw = dw[0] if splits == 1 else dw.sum(0)  # a fixed order: deterministic
     return dw.view(C_lo, C_hi, KERNEL.value, KERNEL.value)
 
@@ -673,7 +665,7 @@ def finalize_stats(partials, weight, bias, running_mean, running_var, momentum, 
         parts, stats, coef, weight if affine else stats, bias if affine else stats,
         running_mean if update else stats, running_var if update else stats,
         C, partials.rows, parts.shape[1], momentum, eps,
-        AFFINE=affine, UPDATE_RUNNING=update, ACC=_tl_acc(parts.dtype), TILE_ROWS=partials.tile_rows,
+        AFFINE=affine, UPDATE_RUNNING=update, ACC=outputs.triton_accumulator(parts.dtype), TILE_ROWS=partials.tile_rows,
         BLOCK_P=_FINALIZE_P, BLOCK_C=_FINALIZE_C)
     return stats, coef
 
