@@ -98,7 +98,9 @@ def _operand_smem(op, elems, g, stages):
 def shared_memory(tile, g):
     """Estimated bytes of shared memory of ``tile`` (an upper bound of what triton allocates on sm_90)."""
     m, n, k = tile.block_m, tile.block_n, tile.block_k
-    return _operand_smem(g.a, m * k, g, tile.stages) + _operand_smem(g.b, k * n, g, tile.stages) + _SCRATCH
+    main_loop = _operand_smem(g.a, m * k, g, tile.stages) + _operand_smem(g.b, k * n, g, tile.stages) + _SCRATCH
+    # The epilogue may convert the accumulator's layout through shared memory, reusing the main loop's buffers.
+    return max(main_loop, m * n * g.acc)
 
 
 def _words(elems, tile, g):
