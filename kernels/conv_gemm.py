@@ -475,10 +475,16 @@ def _conv_splits(programs, taps, epilogue, device):
 _workspaces = {}  # (device, dtype): the split-K partial sums' buffer, grown on demand and reused by every launch
 
 
+def capturing(device):
+    """Whether work on ``device`` is being captured into a CUDA graph: then nothing may be cached across calls,
+    since a cached tensor's kernel would not be in the graph and a graph-pool tensor would leak out of it."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _workspace(numel, dtype, device):
-    """A reused buffer of at least ``numel`` elements (a fresh one for fake tensors, which cannot be kept).  Its
-    contents live until the next split launch on the device: callers reduce it before returning."""
-    if is_fake(torch.empty(0, device=device)):
+    """A reused buffer of at least ``numel`` elements (a fresh one for fake tensors, which cannot be kept, and under
+    capture).  Its contents live until the next split launch on the device: callers reduce it before returning."""
+    if capturing(device) or is_fake(torch.empty(0, device=device)):
         return torch.empty(numel, device=device, dtype=dtype)
     key = (str(device), dtype)
     buf = _workspaces.get(key)
@@ -544,9 +550,11 @@ def packed_weight(weight, dtype, up):
     tiles, cast once), where DOWN reads weight as [out, red, kh, kw] and UP as [red, out, kh, kw].
 
     Cached per weight tensor and version counter: a training step packs each weight once per use (forward,
-    dgrad) however many times it runs the layer, and an in-place update (the optimizer's) packs anew."""
+    dgrad) however many times it runs the layer, and an in-place update (the optimizer's) packs anew.  Not
+    cached for inference tensors (no version counter) nor under CUDA graph capture: there each use packs, so
+    that every replay packs the weights its own optimizer step left."""
     permuted = weight.permute(2, 3, 0, 1) if not up else weight.permute(2, 3, 1, 0)
-    if weight.is_inference():  # no version counter to key a cache on
+    if weight.is_inference() or capturing(weight.device):
         return permuted.to(dtype, memory_format=torch.contiguous_format)
     key = (id(weight), dtype, up)
     entry = _packs.get(key)

@@ -403,6 +403,25 @@ def test_packed_weight_follows_updates():
     assert cg.packed_weight(w, torch.float32, False) is not pack
 
 
+def test_nothing_is_cached_under_capture(monkeypatch):
+    """Under CUDA graph capture every use packs its weight (the pack kernel is then in the graph, so each replay
+    packs the weights its optimizer step left) and split-K gets a buffer of its own (nothing from the graph's
+    pool kept outside it); the caches stay as they were."""
+    needs_triton_here("cpu")
+    from fastgan.kernels import conv_gemm as cg
+
+    w = torch.randn(4, 16, 4, 4)
+    cached = cg.packed_weight(w, torch.float32, False)
+    workspace = cg._workspace(64, torch.float32, w.device)
+    packs, workspaces = dict(cg._packs), dict(cg._workspaces)
+    monkeypatch.setattr(cg, "capturing", lambda device: True)
+    first, second = (cg.packed_weight(w, torch.float32, False) for _ in range(2))
+    assert first is not cached and second is not first
+    torch.testing.assert_close(first, w.permute(2, 3, 0, 1), rtol=0, atol=0)
+    assert cg._workspace(64, torch.float32, w.device).data_ptr() != workspace.data_ptr()
+    assert cg._packs == packs and cg._workspaces == workspaces
+
+
 def test_chain_backward_gets_no_zero_gradients(monkeypatch):
     """zs and stats (the saved activations and statistics) take no gradient: ConvChain's backward receives None
     for them, not zero tensors of their size that autograd would allocate and fill every step, and the
