@@ -184,11 +184,11 @@ def test_gemms_run_on_tensor_cores(audit):
 
 # Issue 18's targets that today's kernels do not meet yet: strict, so the day they are met the suite fails
 # until these marks come off.  The figures are in benchmarks/RESULTS.md's "Static, sm_90" section.
-_NOT_MET_YET = pytest.mark.xfail(strict=True, reason="issue 18, open: the BN map in the operand load still costs "
-                                 "more issue cycles per K-step than the MMAs take (RESULTS.md, Static, sm_90)")
+def _not_met_yet(why):
+    return pytest.mark.xfail(strict=True, reason=f"issue 18, open: {why} (RESULTS.md, Static, sm_90)")
 
 
-@_NOT_MET_YET
+@_not_met_yet("the BN map in the operand load still costs more issue cycles per K-step than the MMAs take")
 def test_heavy_gemm_main_loops_are_not_issue_bound(audit):
     """Launches carrying >= 5% of a step's FLOPs issue a K-step in no more cycles than its MMAs take."""
     missed = _misses(_efficiency(audit, "L2"), "issue")
@@ -206,7 +206,7 @@ def test_gemms_do_not_spill(audit):
     assert not missed, "\n".join(missed)
 
 
-@_NOT_MET_YET
+@_not_met_yet("the 3-channel layers' convT (four sub-pixel GEMMs) and wgrad (a program per tap) run over 20 us")
 def test_end_layers_are_fast(audit):
     """The layers with 3 or 1 channels or the 100-d noise: at most 20 us each by the issue/MMA estimate."""
     missed = _misses(_efficiency(audit, "L2"), "end layer")
