@@ -206,7 +206,7 @@ def test_gemms_do_not_spill(audit):
     assert not missed, "\n".join(missed)
 
 
-@_not_met_yet("the 3-channel layers' convT (four sub-pixel GEMMs) and wgrad (a program per tap) run over 20 us")
+@_not_met_yet("the 3-channel layers (D's first conv in TF32, G's last convT and its wgrad) run over 20 us")
 def test_end_layers_are_fast(audit):
     """The layers with 3 or 1 channels or the 100-d noise: at most 20 us each by the issue/MMA estimate."""
     missed = _misses(_efficiency(audit, "L2"), "end layer")
