@@ -394,12 +394,13 @@ def channel_stats(z, running_mean, running_var, momentum, eps):
     z, strides = _nlc(z)
     plan = reduction(N, L, C, strides[2], z.device)
     block_n, block_l, block_c = plan.blocks
-    part = outputs.empty((3, plan.splits, C), device=z.device, dtype=outputs.accumulator_dtype(z.dtype))  # count, mean, M2
+    acc = outputs.accumulator_dtype(z.dtype)
+    part = outputs.empty((3, plan.splits, C), device=z.device, dtype=acc)  # count, mean, M2
     _moments_kernel[plan.grid](
         z, part, N, L, C, *strides, plan.tiles_per_split, plan.tiles,
-        ACC=outputs.triton_accumulator(z.dtype), EVEN=N % block_n == 0 and L % block_l == 0, BLOCK_N=block_n, BLOCK_L=block_l,
-        BLOCK_C=block_c)
-    mean = outputs.empty((C,), device=z.device, dtype=outputs.accumulator_dtype(z.dtype))
+        ACC=outputs.triton_accumulator(z.dtype), EVEN=N % block_n == 0 and L % block_l == 0, BLOCK_N=block_n,
+        BLOCK_L=block_l, BLOCK_C=block_c)
+    mean = outputs.empty((C,), device=z.device, dtype=acc)
     invstd = outputs.empty_like(mean)
     update = running_mean is not None
     _finalize_kernel[(triton.cdiv(C, 16),)](

@@ -35,8 +35,8 @@ from typing import NamedTuple, Optional
 
 import torch
 import triton
-from torch._subclasses.fake_tensor import is_fake
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 from . import outputs, tiling
 from .bn_act import NO_ACTIVATION, _activate, _activation_grad, update_running_stats
@@ -570,10 +570,10 @@ def conv(src, weight, geometry, out, epilogue=EPI_STORE, below=None, allow_tf32=
     """out = DOWN/UP(src, weight) with src loaded through its prologue; returns the epilogue's Partials.
 
     src: GemmInput (N, C_in, H, W); weight: (C_out, C_in, 4, 4) for DOWN, (C_in, C_out, 4, 4) for UP, any
-    dtype (packed into src's by :func:`packed_weight`); out: (N, C_out, H', W') preallocated, any strides.  epilogue: EPI_STORE (no partials),
-    EPI_STATS (Welford partials of out), or EPI_GRAD: ``below`` = (z, stats, coef, act, slope) of the layer
-    whose output ``out`` is the gradient of; out becomes g = acc*act'(z*scale + shift) and the partials are
-    (sum(g), sum(g*xhat)) when stats is not None (a BN layer), absent otherwise."""
+    dtype (packed into src's by :func:`packed_weight`); out: (N, C_out, H', W') preallocated, any strides.
+    epilogue: EPI_STORE (no partials), EPI_STATS (Welford partials of out), or EPI_GRAD: ``below`` = (z, stats,
+    coef, act, slope) of the layer whose output ``out`` is the gradient of; out becomes g = acc*act'(z*scale +
+    shift) and the partials are (sum(g), sum(g*xhat)) when stats is not None (a BN layer), absent otherwise."""
     x = src.t
     N, C_in, H_in, W_in = x.shape
     C_out, H_out, W_out = out.shape[1:]
@@ -585,7 +585,8 @@ def conv(src, weight, geometry, out, epilogue=EPI_STORE, below=None, allow_tf32=
     block_m = _block_m(rows)
     n_parts = classes * triton.cdiv(rows, block_m)
     normalize = epilogue == EPI_STATS or (epilogue == EPI_GRAD and below[1] is not None)
-    parts = outputs.empty((2, n_parts, C_out), device=x.device, dtype=outputs.accumulator_dtype(x.dtype)) if normalize else out
+    acc = outputs.accumulator_dtype(x.dtype)
+    parts = outputs.empty((2, n_parts, C_out), device=x.device, dtype=acc) if normalize else out
     z, stats, coef, act, slope = below if epilogue == EPI_GRAD else (out, None, None, 0, 0.0)
     w = packed_weight(weight, x.dtype, geometry.up)
     w_kh, w_kw, w_out, w_red = w.stride()
@@ -598,7 +599,7 @@ def conv(src, weight, geometry, out, epilogue=EPI_STORE, below=None, allow_tf32=
     splits = _conv_splits(n_parts * triton.cdiv(C_out, tile.block_n), taps, epilogue, x.device)
     target = out
     if splits > 1:  # fp32 partial sums, added in split order below
-        target = _workspace(splits * out.numel(), outputs.accumulator_dtype(x.dtype), x.device).view(splits, *out.shape)
+        target = _workspace(splits * out.numel(), acc, x.device).view(splits, *out.shape)
     grid = lambda meta: (n_parts, triton.cdiv(C_out, meta["BLOCK_N"]), splits)  # noqa: E731
     _launch(_conv_kernel, _conv_tuned, grid, tile, _CONV_TILE, (
         *src.args(), w, target, z, out if coef is None else coef, out if stats is None else stats, parts,
@@ -638,10 +639,11 @@ def wgrad(lo, hi, geometry, allow_tf32=True):
     images_per_split = triton.cdiv(N, splits)
     splits = triton.cdiv(N, images_per_split)
     shape = (splits, C_lo, C_hi, KERNEL_TAPS.value)
+    acc = outputs.accumulator_dtype(l.dtype)
     if splits > 1:  # partial sums, added in split order below
-        dw = _workspace(C_lo * C_hi * KERNEL_TAPS.value * splits, outputs.accumulator_dtype(l.dtype), l.device).view(shape)
+        dw = _workspace(C_lo * C_hi * KERNEL_TAPS.value * splits, acc, l.device).view(shape)
     else:
-        dw = outputs.empty(shape, device=l.device, dtype=outputs.accumulator_dtype(l.dtype))
+        dw = outputs.empty(shape, device=l.device, dtype=acc)
     grid = (triton.cdiv(C_lo, block_m), triton.cdiv(C_hi, block_n), KERNEL_TAPS.value * splits)
     _launch(_wgrad_kernel, _wgrad_tuned, lambda meta: grid, tile, _WGRAD_TILE, (
         *lo.args(), *hi.args(), dw, C_lo, H_lo, W_lo, C_hi, H_hi, W_hi, N, images_per_split, block_h, block_w,

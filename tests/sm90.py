@@ -658,8 +658,9 @@ cycles = instr./K-step x warps / 4 schedulers; MMA cycles = BLOCK_M x BLOCK_N x 
 / 1024 (TF32) per SM and clock.  Waves = programs / (132 SMs x CTAs per SM).  FLOP share: of all the step's
 GEMM launches, the row's identical launches together.  est. us: the busiest SM's programs x K-steps x
 max(issue, MMA cycles) at 1.83 GHz, a lower bound (no memory latency).  Targets: HGMMA/HMMA; issue <= MMA
-cycles where the share is >= 5%; a program on every SM (95%: tiling.WAVE_FILL) but in the end layers; no spills; end layers (3 or 1 channels, the 100-d noise)
-<= 20 us; reductions >= 2 waves of 132 SMs with no barrier or shuffle (block reduction) inside the loop.
+cycles where the share is >= 5%; a program on every SM (95%: tiling.WAVE_FILL) but in the end layers; no
+spills; end layers (3 or 1 channels, the 100-d noise) <= 20 us; reductions >= 2 waves of 132 SMs with no
+barrier or shuffle (block reduction) inside the loop.
 "misses" names each target missed.
 
 {efficiency_markdown(result)}"""
