@@ -177,45 +177,32 @@ def test_efficiency_reads_every_gemm_launch(audit):
         assert all(r["per_k_step"] for r in rows if r["step"] == step), step
 
 
-def test_gemms_run_on_tensor_cores(audit):
-    missed = _misses(_efficiency(audit, "L2"), "tensor cores")
-    assert not missed, "\n".join(missed)
-
-
 # Issue 18's targets that today's kernels do not meet yet: strict, so the day they are met the suite fails
 # until these marks come off.  The figures are in benchmarks/RESULTS.md's "Static, sm_90" section.
 def _not_met_yet(why):
     return pytest.mark.xfail(strict=True, reason=f"issue 18, open: {why} (RESULTS.md, Static, sm_90)")
 
 
-@_not_met_yet("the BN map in the operand load still costs more issue cycles per K-step than the MMAs take")
-def test_heavy_gemm_main_loops_are_not_issue_bound(audit):
-    """Launches carrying >= 5% of a step's FLOPs issue a K-step in no more cycles than its MMAs take."""
-    missed = _misses(_efficiency(audit, "L2"), "issue")
-    assert not missed, f"{len(missed)} issue-bound main loops:\n" + "\n".join(missed)
+# (level, target as sm90.missed names it): L2's GEMMs run on tensor cores; launches carrying >= 5% of a step's
+# FLOPs issue a K-step in no more cycles than its MMAs take; every SM gets a program (tiling.WAVE_FILL of them)
+# outside the end layers, which are judged by their time (3 or 1 channels or the 100-d noise: at most 20 us
+# each by the issue/MMA estimate); no spills.  L1's reductions run >= 2 waves of the SMs.
+TARGETS = [
+    ("L2", "tensor cores"),
+    pytest.param("L2", "issue", marks=_not_met_yet(
+        "the BN map in the operand load still costs more issue cycles per K-step than the MMAs take")),
+    ("L2", "waves"),
+    ("L2", "spills"),
+    pytest.param("L2", "end layer", marks=_not_met_yet(
+        "the 3-channel layers (D's first conv in TF32, G's last convT and its wgrad) run over 20 us")),
+    ("L1", "waves"),
+]
 
 
-def test_gemm_grids_fill_a_wave(audit):
-    """Every SM gets a program (tiling.WAVE_FILL of them), outside the end layers (judged by their time)."""
-    missed = _misses(_efficiency(audit, "L2"), "waves")
-    assert not missed, f"{len(missed)} grids under one wave:\n" + "\n".join(missed)
-
-
-def test_gemms_do_not_spill(audit):
-    missed = _misses(_efficiency(audit, "L2"), "spills")
-    assert not missed, "\n".join(missed)
-
-
-@_not_met_yet("the 3-channel layers (D's first conv in TF32, G's last convT and its wgrad) run over 20 us")
-def test_end_layers_are_fast(audit):
-    """The layers with 3 or 1 channels or the 100-d noise: at most 20 us each by the issue/MMA estimate."""
-    missed = _misses(_efficiency(audit, "L2"), "end layer")
-    assert not missed, f"{len(missed)} end-layer launches over 20 us:\n" + "\n".join(missed)
-
-
-def test_l1_reductions_fill_two_waves(audit):
-    missed = _misses(_efficiency(audit, "L1"), "waves")
-    assert not missed, "\n".join(missed)
+@pytest.mark.parametrize("level,target", TARGETS)
+def test_efficiency_target(audit, level, target):
+    missed = _misses(_efficiency(audit, level), target)
+    assert not missed, f"{len(missed)} {level} launches miss '{target}':\n" + "\n".join(missed)
 
 
 def test_l1_reductions_reduce_across_the_block_once(audit):
