@@ -481,10 +481,12 @@ def capturing(device):
     return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _workspace(numel, dtype, device):
-    """A reused buffer of at least ``numel`` elements (a fresh one for fake tensors, which cannot be kept, and under
-    capture).  Its contents live until the next split launch on the device: callers reduce it before returning."""
-    if capturing(device) or is_fake(torch.empty(0, device=device)):
+def _workspace(numel, dtype, like):
+    """A reused buffer of at least ``numel`` elements on ``like``'s device (a fresh one when ``like`` is fake, as a
+    fake buffer cannot be kept, and under capture).  Its contents live until the next split launch on the device:
+    callers reduce it before returning."""
+    device = like.device
+    if is_fake(like) or capturing(device):
         return torch.empty(numel, device=device, dtype=dtype)
     key = (str(device), dtype)
     buf = _workspaces.get(key)
@@ -599,7 +601,7 @@ def conv(src, weight, geometry, out, epilogue=EPI_STORE, below=None, allow_tf32=
     splits = _conv_splits(n_parts * triton.cdiv(C_out, tile.block_n), taps, epilogue, x.device)
     target = out
     if splits > 1:  # fp32 partial sums, added in split order below
-        target = _workspace(splits * out.numel(), acc, x.device).view(splits, *out.shape)
+        target = _workspace(splits * out.numel(), acc, x).view(splits, *out.shape)
     grid = lambda meta: (n_parts, triton.cdiv(C_out, meta["BLOCK_N"]), splits)  # noqa: E731
     _launch(_conv_kernel, _conv_tuned, grid, tile, _CONV_TILE, (
         *src.args(), w, target, z, out if coef is None else coef, out if stats is None else stats, parts,
@@ -641,7 +643,7 @@ def wgrad(lo, hi, geometry, allow_tf32=True):
     shape = (splits, C_lo, C_hi, KERNEL_TAPS.value)
     acc = outputs.accumulator_dtype(l.dtype)
     if splits > 1:  # partial sums, added in split order below
-        dw = _workspace(C_lo * C_hi * KERNEL_TAPS.value * splits, acc, l.device).view(shape)
+        dw = _workspace(C_lo * C_hi * KERNEL_TAPS.value * splits, acc, l).view(shape)
     else:
         dw = outputs.empty(shape, device=l.device, dtype=acc)
     grid = (triton.cdiv(C_lo, block_m), triton.cdiv(C_hi, block_n), KERNEL_TAPS.value * splits)

@@ -412,13 +412,13 @@ def test_nothing_is_cached_under_capture(monkeypatch):
 
     w = torch.randn(4, 16, 4, 4)
     cached = cg.packed_weight(w, torch.float32, False)
-    workspace = cg._workspace(64, torch.float32, w.device)
+    workspace = cg._workspace(64, torch.float32, w)
     packs, workspaces = dict(cg._packs), dict(cg._workspaces)
     monkeypatch.setattr(cg, "capturing", lambda device: True)
     first, second = (cg.packed_weight(w, torch.float32, False) for _ in range(2))
     assert first is not cached and second is not first
     torch.testing.assert_close(first, w.permute(2, 3, 0, 1), rtol=0, atol=0)
-    assert cg._workspace(64, torch.float32, w.device).data_ptr() != workspace.data_ptr()
+    assert cg._workspace(64, torch.float32, w).data_ptr() != workspace.data_ptr()
     assert cg._packs == packs and cg._workspaces == workspaces
 
 
