@@ -46,11 +46,19 @@ def _tanh(x):
 
 @triton.jit
 def _activate(pre, slope, ACT: tl.constexpr):
-    # Comparisons are ordered so that NaN propagates as in torch.
+    # In pre's own dtype (16-bit: two lanes per instruction), as min/max that propagate NaN as torch does;
+    # act(0) = 0 for every activation (the convolutions' prologue relies on it).
     if ACT == RELU:
-        return tl.where(pre < 0, 0.0, pre)
+        return tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == LEAKY_RELU:
-        return tl.where(pre < 0, pre * slope, pre)
+        # pre*slope lies between 0 and pre for slope <= 1 (else beyond pre), so the larger (smaller) of the two
+        # is pre above zero and pre*slope below it.
+        scaled = pre * tl.cast(slope, pre.dtype)
+        if slope <= 1.0:
+            out = tl.maximum(pre, scaled, propagate_nan=tl.PropagateNan.ALL)
+        else:
+            out = tl.minimum(pre, scaled, propagate_nan=tl.PropagateNan.ALL)
+        return out
     elif ACT == TANH:
         return _tanh(pre)
     else:

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
-from . import outputs, tiling
+from . import activations, outputs, tiling
 from .bn_act import NO_ACTIVATION, _activate, _activation_grad, update_running_stats
 from .geometry import Geometry
 
@@ -61,8 +61,8 @@ def _value(code):
 
 
 @triton.jit
-def _channel_vec(ptr, chan, chan_mask, AXIS: tl.constexpr):
-    v = tl.load(ptr + chan, mask=chan_mask, other=0.0)
+def _along(v, AXIS: tl.constexpr):
+    """A vector laid along AXIS of a 2-D tile."""
     if AXIS == 0:
         out = v[:, None]
     else:
@@ -71,31 +71,44 @@ def _channel_vec(ptr, chan, chan_mask, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _load_operand(ptrs, q_ptrs, mask, coef_ptr, chan, chan_mask, C, slope,
+def _load_operand(ptrs, q_ptrs, pix_ok, chan, chan_mask, coef_ptr, C, slope,
                   PRO: tl.constexpr, ACT: tl.constexpr, AXIS: tl.constexpr, ACC: tl.constexpr):
-    """A GEMM operand tile: act(t*u + q*v + w), (u, v, w) = coef[:, chan] with chan along AXIS of the tile.
+    """A GEMM operand tile: act(t*u + q*v + w), (u, v, w) = coef[:, chan], with the channels along AXIS of the
+    tile and the pixels along the other; zero where a pixel or channel is masked off.
 
-    Zero where ``mask`` is false: the convolution's zero padding applies to the activation, not to t.  Without a
-    map the masked zeros stay zeros (every activation keeps 0), so only a mapped tile selects."""
+    The convolution's zero padding applies to the activation, not to t: a masked element loads 0, its channel's
+    (u, v, w) load 0 where the channel is masked off and w is zeroed where the pixel is, so y = 0 and act(0) = 0,
+    without a select per element.  16-bit operands are mapped in their own dtype, two lanes per instruction
+    (HFMA2): its rounding of (u, v, w) and y adds an error of the size that storing t in 16 bits already has."""
+    if AXIS == 0:
+        mask = chan_mask[:, None] & pix_ok[None, :]
+    else:
+        mask = pix_ok[:, None] & chan_mask[None, :]
     x = tl.load(ptrs, mask=mask, other=0.0)
+    if x.dtype.primitive_bitwidth == 16:
+        MATH: tl.constexpr = x.dtype
+    else:
+        MATH: tl.constexpr = ACC
     if PRO != PRO_NONE:
-        y = x.to(ACC) * _channel_vec(coef_ptr, chan, chan_mask, AXIS) + _channel_vec(coef_ptr + 2 * C, chan,
-                                                                                    chan_mask, AXIS)
+        u = _along(tl.load(coef_ptr + chan, mask=chan_mask, other=0.0).to(MATH), AXIS)
+        w = _along(tl.load(coef_ptr + 2 * C + chan, mask=chan_mask, other=0.0).to(MATH), AXIS)
+        y = tl.fma(x.to(MATH), u, w * _along(pix_ok.to(MATH), 1 - AXIS))
         if PRO == PRO_BACKWARD:
-            q = tl.load(q_ptrs, mask=mask, other=0.0).to(ACC)
-            y += q * _channel_vec(coef_ptr + C, chan, chan_mask, AXIS)
-        x = tl.where(mask, _activate(y, slope, ACT), 0.0).to(x.dtype)
+            v = _along(tl.load(coef_ptr + C + chan, mask=chan_mask, other=0.0).to(MATH), AXIS)
+            y = tl.fma(tl.load(q_ptrs, mask=mask, other=0.0).to(MATH), v, y)
+        x = _activate(y, slope, ACT).to(x.dtype)
     elif ACT != NO_ACTIVATION:
-        x = _activate(x.to(ACC), slope, ACT).to(x.dtype)
+        x = _activate(x.to(MATH), slope, ACT).to(x.dtype)
     return x
 
 
 @triton.jit
 def _conv_kernel(src_ptr, q_ptr, pro_coef_ptr, w_ptr, out_ptr, z_ptr, epi_coef_ptr, epi_stats_ptr, part_ptr,
                  C_in, H_in, W_in, C_out, H_out, W_out, ROWS, n_parts, taps_per_split,
-                 s_n, s_c, s_h, s_w, o_split, o_n, o_c, o_h, o_w, w_red, w_out, w_kh, w_kw, slope_in, slope_out,
+                 s_n, s_c, s_h, s_w, o_split, o_n, o_c, o_h, o_w, w_red, w_out, w_kh, w_kw,
                  UP: tl.constexpr, S: tl.constexpr, P: tl.constexpr, TAPS: tl.constexpr,
-                 PRO: tl.constexpr, ACT_IN: tl.constexpr, EPI: tl.constexpr, ACT_OUT: tl.constexpr,
+                 PRO: tl.constexpr, ACT_IN: tl.constexpr, SLOPE_IN: tl.constexpr, EPI: tl.constexpr,
+                 ACT_OUT: tl.constexpr, SLOPE_OUT: tl.constexpr,
                  NORM_OUT: tl.constexpr, EVEN_K: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out = DOWN/UP(prologue(src), w), one (BLOCK_M output pixels) x (BLOCK_N channels) tile per program.
@@ -170,13 +183,11 @@ def _conv_kernel(src_ptr, q_ptr, pro_coef_ptr, w_ptr, out_ptr, z_ptr, epi_coef_p
         chans = k0 + ks
         if EVEN_K:
             k_mask = ks < BLOCK_K
-            a_mask = row_ok[:, None]
             b_mask = col_mask[None, :]
         else:
             k_mask = chans < C_in
-            a_mask = row_ok[:, None] & k_mask[None, :]
             b_mask = k_mask[:, None] & col_mask[None, :]
-        a = _load_operand(a_ptrs + a_step, q_ptrs + a_step, a_mask, pro_coef_ptr, chans, k_mask, C_in, slope_in,
+        a = _load_operand(a_ptrs + a_step, q_ptrs + a_step, row_ok, chans, k_mask, pro_coef_ptr, C_in, SLOPE_IN,
                           PRO, ACT_IN, 1, ACC)
         b = tl.load(b_ptrs + b_step, mask=b_mask, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
@@ -204,7 +215,7 @@ def _conv_kernel(src_ptr, q_ptr, pro_coef_ptr, w_ptr, out_ptr, z_ptr, epi_coef_p
         if NORM_OUT:
             scale = tl.load(epi_coef_ptr + cols, mask=col_mask, other=0.0)
             shift = tl.load(epi_coef_ptr + 2 * C_out + cols, mask=col_mask, other=0.0)
-            acc = _activation_grad(acc, z * scale[None, :] + shift[None, :], slope_out, ACT_OUT)
+            acc = _activation_grad(acc, z * scale[None, :] + shift[None, :], SLOPE_OUT, ACT_OUT)
             acc = tl.where(mask, acc, 0.0)
             mean = tl.load(epi_stats_ptr + cols, mask=col_mask, other=0.0)
             invstd = tl.load(epi_stats_ptr + C_out + cols, mask=col_mask, other=0.0)
@@ -212,23 +223,26 @@ def _conv_kernel(src_ptr, q_ptr, pro_coef_ptr, w_ptr, out_ptr, z_ptr, epi_coef_p
             tl.store(part_ptr + slot * C_out + cols, tl.sum(acc, 0), mask=col_mask)
             tl.store(part_ptr + (n_parts + slot) * C_out + cols, tl.sum(acc * xhat, 0), mask=col_mask)
         else:
-            acc = _activation_grad(acc, z, slope_out, ACT_OUT)
+            acc = _activation_grad(acc, z, SLOPE_OUT, ACT_OUT)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _wgrad_kernel(lo_ptr, lo_q_ptr, lo_coef_ptr, hi_ptr, hi_q_ptr, hi_coef_ptr, dw_ptr,
                   C_lo, H_lo, W_lo, C_hi, H_hi, W_hi, N, images_per_split, block_h, block_w,
-                  l_n, l_c, l_h, l_w, h_n, h_c, h_h, h_w, d_split, d_lo, d_hi, slope_lo, slope_hi,
-                  S: tl.constexpr, P: tl.constexpr, PRO_LO: tl.constexpr, ACT_LO: tl.constexpr,
-                  PRO_HI: tl.constexpr, ACT_HI: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                  l_n, l_c, l_h, l_w, h_n, h_c, h_h, h_w, d_split, d_lo, d_hi,
+                  S: tl.constexpr, P: tl.constexpr, EVEN_HW: tl.constexpr,
+                  PRO_LO: tl.constexpr, ACT_LO: tl.constexpr, SLOPE_LO: tl.constexpr,
+                  PRO_HI: tl.constexpr, ACT_HI: tl.constexpr, SLOPE_HI: tl.constexpr,
+                  ACC: tl.constexpr, PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dw[split, lo, hi, kh, kw] = sum over this split's images n of
     prologue(lo)[n, lo, i, j] * prologue(hi)[n, hi, S*i - P + kh, S*j - P + kw].  Axis 2: split*KERNEL_TAPS + tap.
 
     A K step covers a block of BLOCK_K positions: BLOCK_K / (block_h*block_w) images x block_h rows x block_w
     columns (powers of two; block_h*block_w <= BLOCK_K).  A lane's place in the block is worked out once, so a
-    K step moves three scalar block coordinates and no lane divides."""
+    K step moves three scalar block coordinates and no lane divides.
+    EVEN_HW: block_h divides H_lo and block_w divides W_lo (no block reaches past the image)."""
     lo_c = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     hi_c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     lo_mask = lo_c < C_lo
@@ -261,14 +275,16 @@ def _wgrad_kernel(lo_ptr, lo_q_ptr, lo_coef_ptr, hi_ptr, hi_q_ptr, hi_coef_ptr, 
         j = j0 + lane_j
         hh = S * i - P + kh
         hw = S * j - P + kw
-        lo_ok = (n0 + lane_n < n_end) & (i < H_lo) & (j < W_lo)
+        lo_ok = n0 + lane_n < n_end
+        if not EVEN_HW:
+            lo_ok &= (i < H_lo) & (j < W_lo)
         hi_ok = lo_ok & (hh >= 0) & (hh < H_hi) & (hw >= 0) & (hw < W_hi)
         lo_step = n0 * l_n + i0 * l_h + j0 * l_w
         hi_step = n0 * h_n + S * (i0 * h_h + j0 * h_w)
-        a = _load_operand(a_ptrs + lo_step, a_q_ptrs + lo_step, lo_mask[:, None] & lo_ok[None, :], lo_coef_ptr,
-                          lo_c, lo_mask, C_lo, slope_lo, PRO_LO, ACT_LO, 0, ACC)
-        b = _load_operand(b_ptrs + hi_step, b_q_ptrs + hi_step, hi_ok[:, None] & hi_mask[None, :], hi_coef_ptr,
-                          hi_c, hi_mask, C_hi, slope_hi, PRO_HI, ACT_HI, 1, ACC)
+        a = _load_operand(a_ptrs + lo_step, a_q_ptrs + lo_step, lo_ok, lo_c, lo_mask, lo_coef_ptr, C_lo, SLOPE_LO,
+                          PRO_LO, ACT_LO, 0, ACC)
+        b = _load_operand(b_ptrs + hi_step, b_q_ptrs + hi_step, hi_ok, hi_c, hi_mask, hi_coef_ptr, C_hi, SLOPE_HI,
+                          PRO_HI, ACT_HI, 1, ACC)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
         # The next block: along the row, then down the image, then the next images.
         j0 += block_w
@@ -496,6 +512,12 @@ def _workspace(numel, dtype, like):
     return buf.fill_(float("nan")) if outputs.POISON_OUTPUTS else buf
 
 
+def _slope(act, slope):
+    """The slope constexpr of a launch: LeakyReLU's (a compile-time constant, so the prologue's activation is two
+    instructions per lane pair, see bn_act._activate), else 0.0 (one compilation whatever the unused slope)."""
+    return float(slope) if act == activations.LEAKY_RELU else 0.0
+
+
 def _sm_count(device):
     limits = tiling.device_of(device)
     return 2 if limits is None else limits.sms
@@ -606,10 +628,10 @@ def conv(src, weight, geometry, out, epilogue=EPI_STORE, below=None, allow_tf32=
     _launch(_conv_kernel, _conv_tuned, grid, tile, _CONV_TILE, (
         *src.args(), w, target, z, out if coef is None else coef, out if stats is None else stats, parts,
         C_in, H_in, W_in, C_out, H_out, W_out, rows, n_parts, taps // splits,
-        *x.stride(), *(target.stride() if splits > 1 else (0, *out.stride())), w_red, w_out, w_kh, w_kw,
-        src.slope, slope), dict(
+        *x.stride(), *(target.stride() if splits > 1 else (0, *out.stride())), w_red, w_out, w_kh, w_kw), dict(
         UP=geometry.up, S=S, P=P, TAPS=KERNEL.value // S if geometry.up else KERNEL.value, PRO=_value(src.pro),
-        ACT_IN=src.act, EPI=_value(epilogue), ACT_OUT=act, NORM_OUT=stats is not None, EVEN_K=_even(C_in),
+        ACT_IN=src.act, SLOPE_IN=_slope(src.act, src.slope), EPI=_value(epilogue), ACT_OUT=act,
+        SLOPE_OUT=_slope(act, slope), NORM_OUT=stats is not None, EVEN_K=_even(C_in),
         ACC=outputs.triton_accumulator(x.dtype), PRECISION=precision, BLOCK_M=block_m))
     if splits > 1:
         out.copy_(target.sum(0))  # a fixed order: deterministic
@@ -649,9 +671,11 @@ def wgrad(lo, hi, geometry, allow_tf32=True):
     grid = (triton.cdiv(C_lo, block_m), triton.cdiv(C_hi, block_n), KERNEL_TAPS.value * splits)
     _launch(_wgrad_kernel, _wgrad_tuned, lambda meta: grid, tile, _WGRAD_TILE, (
         *lo.args(), *hi.args(), dw, C_lo, H_lo, W_lo, C_hi, H_hi, W_hi, N, images_per_split, block_h, block_w,
-        *l.stride(), *h.stride(), *dw.stride()[:3], lo.slope, hi.slope), dict(
-        S=geometry.stride, P=geometry.padding, PRO_LO=_value(lo.pro), ACT_LO=lo.act, PRO_HI=_value(hi.pro),
-        ACT_HI=hi.act, ACC=outputs.triton_accumulator(l.dtype), PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n))
+        *l.stride(), *h.stride(), *dw.stride()[:3]), dict(
+        S=geometry.stride, P=geometry.padding, EVEN_HW=H_lo % block_h == 0 and W_lo % block_w == 0,
+        PRO_LO=_value(lo.pro), ACT_LO=lo.act,
+        SLOPE_LO=_slope(lo.act, lo.slope), PRO_HI=_value(hi.pro), ACT_HI=hi.act, SLOPE_HI=_slope(hi.act, hi.slope),
+        ACC=outputs.triton_accumulator(l.dtype), PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n))
     dw = dw[0] if splits == 1 else dw.sum(0)  # a fixed order: deterministic
     return dw.view(C_lo, C_hi, KERNEL.value, KERNEL.value)
 

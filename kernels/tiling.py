@@ -13,9 +13,9 @@ asserts that the estimate is never below what the compiler allocates):
                layout-conversion buffer of the tile in fp32
     plus 8 KB for the epilogue's reductions and barriers (4.5 KB the most seen).
 
-Registers: what the dot and the prologue hold per thread, the accumulator plus the mapped tiles in the
-accumulation dtype (32-bit words), must stay within half the 255 registers a thread may have; the rest goes to
-the gathered loads' addresses and masks.  Tiles over it compile at the register cap and spill.  The dots on
+Registers: what the dot and the prologue hold per thread, the accumulator plus the mapped tiles (32-bit words;
+16-bit operands are mapped in their own dtype, others in the accumulation dtype), must stay within half the 255
+registers a thread may have; the rest goes to the gathered loads' addresses and masks.  Tiles over it compile at the register cap and spill.  The dots on
 CUDA cores (fp64, exact fp32) keep their operand fragments in registers too: there the accumulator alone stays
 within 32 words and the wgrad's BLOCK_N within 64.  Both rules come from the static data (triton 3.8, sm_90):
 every exact-fp32 wgrad with a 128-wide B spilled, and tiles with 64 accumulator words per thread spilled up to
@@ -103,14 +103,16 @@ def shared_memory(tile, g):
     return max(main_loop, m * n * g.acc)
 
 
-def _words(elems, tile, g):
-    return elems * (g.acc // 4) // (32 * tile.warps)
+def _words(elems, elem_bytes, tile):
+    return elems * elem_bytes // (4 * 32 * tile.warps)
 
 
 def live_words(tile, g):
-    """32-bit words per thread of the accumulator and the mapped operand tiles."""
+    """32-bit words per thread of the accumulator and the mapped operand tiles (mapped in the operand dtype when
+    it is 16-bit, two lanes a word; else in the accumulation dtype)."""
     m, n, k = tile.block_m, tile.block_n, tile.block_k
-    return _words(m * n + sum(op.tensors * elems for op, elems in ((g.a, m * k), (g.b, k * n)) if op.mapped), tile, g)
+    mapped = sum(op.tensors * elems for op, elems in ((g.a, m * k), (g.b, k * n)) if op.mapped)
+    return _words(m * n, g.acc, tile) + _words(mapped, g.elem if g.elem == 2 else g.acc, tile)
 
 
 LIVE_WORDS = MAX_REGISTERS // 2
@@ -120,7 +122,7 @@ CUDA_CORE_ACCUMULATOR = 32
 def fits(tile, g, device):
     """Whether ``tile`` fits the device's shared memory and the register estimates."""
     return (shared_memory(tile, g) <= device.smem_per_block and live_words(tile, g) <= LIVE_WORDS
-            and (g.tensor_cores or _words(tile.block_m * tile.block_n, tile, g) <= CUDA_CORE_ACCUMULATOR))
+            and (g.tensor_cores or _words(tile.block_m * tile.block_n, g.acc, tile) <= CUDA_CORE_ACCUMULATOR))
 
 
 # ----------------------------------------------------------------------------- the candidates

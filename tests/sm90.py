@@ -1,7 +1,7 @@
 """The static sm_90 check (docs/design.md section 9): which Triton kernel variants fastgan's launchers pick for
 a DCGAN train step at the real shapes, and what each costs compiled for sm_90, without a GPU.
 
-    python tests/sm90.py [--all] [--json PATH] [--markdown] [--efficiency [--write-results]]
+    python tests/sm90.py [--all] [--json PATH] [--markdown] [--efficiency [--write-results]] [--write-baseline]
 
 Recording: fastgan.DCGAN's train step (L1, and L2 via fastgan.set_level) runs on fake tensors (torch's
 FakeTensorMode) with the launchers' device queries answering for a 132-SM sm_90 GPU (kernels.tiling.SM90).
@@ -480,9 +480,10 @@ def audit(targets="representatives", jobs=2, cold_start=(), log=print):
             log(f"[{n}/{len(chosen)}] {v.kernel} {v.describe()['constexprs']} warps={v.warps} "
                 f"stages={v.stages}: {result}")
     compiled_of = lambda v: results.get(index[v])  # noqa: E731
+    rows = [row for name, level, launches in recorded if name in efficiency_steps
+            for row in efficiency(name, level, launches, compiled_of)]
     return dict(
-        efficiency=[row for name, level, launches in recorded if name in efficiency_steps
-                    for row in efficiency(name, level, launches, compiled_of)],
+        efficiency=rows, issue_ratios=issue_ratios(rows),
         triton=triton.__version__, torch=torch.__version__, target="cuda sm_90", device=tiling.SM90._asdict(),
         record_seconds=record_seconds, compile_seconds=time.perf_counter() - start,
         default_checked=default_checked, cold_start=list(cold_start),
@@ -587,6 +588,28 @@ def missed(row):
         if syncs:
             out["reduction per iteration"] = ", ".join(f"{n} {op}" for op, n in sorted(syncs.items()))
     return out
+
+
+ISSUE_BASELINE = Path(__file__).with_name("sm90_issue_baseline.json")
+
+
+def issue_ratios(rows):
+    """{"<step> | <launch>": issue : MMA cycles} of the L2 GEMM launches carrying >= HEAVY_SHARE of the FLOPs (the
+    worst of a launch's variants), rounded to 0.01: the ratchet tests/test_sm90_resources.py holds them to."""
+    ratios = {}
+    for r in rows:
+        if r["level"] == "L2" and r.get("issue_cycles") and r["share"] >= HEAVY_SHARE:
+            key = f"{_step_short(r['step'])} | {r['label']}"
+            ratios[key] = max(ratios.get(key, 0.0), round(r["issue_cycles"] / r["mma_cycles"], 2))
+    return dict(sorted(ratios.items()))
+
+
+def write_issue_baseline(result, path=ISSUE_BASELINE):
+    """Record the audit's issue ratios in ``path`` under its triton version (each compiles its own SASS; CI runs
+    two), keeping the other versions' entries."""
+    baselines = json.loads(path.read_text()) if path.exists() else {}
+    baselines[f"triton {result['triton']}"] = result["issue_ratios"]
+    path.write_text(json.dumps(dict(sorted(baselines.items())), indent=1) + "\n")
 
 
 def _step_short(name):
@@ -770,6 +793,9 @@ def main(argv=None):
                              "MMA cycles, waves, FLOP share) of the L2 GEMMs and L1 reductions")
     parser.add_argument("--write-results", action="store_true",
                         help="with --efficiency: write them into benchmarks/RESULTS.md's \"Static, sm_90\" section")
+    parser.add_argument("--write-baseline", action="store_true",
+                        help=f"write the heavy launches' issue : MMA ratios into tests/{ISSUE_BASELINE.name}, "
+                             "under this triton version (the ratchet of tests/test_sm90_resources.py)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compiling processes")
     args = parser.parse_args(argv)
     result = audit("all" if args.all else "representatives", args.jobs, args.cold_start,
@@ -782,7 +808,9 @@ def main(argv=None):
         print(efficiency_markdown(result))
         if args.write_results:
             write_results(result)
-    if not (args.json or args.markdown or args.efficiency):
+    if args.write_baseline:
+        write_issue_baseline(result)
+    if not (args.json or args.markdown or args.efficiency or args.write_baseline):
         print(json.dumps(result))
 
 

@@ -128,7 +128,7 @@ def test_many_splits(device, backend, channels_last, shape):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("act,slope", ACTS)
+@pytest.mark.parametrize("act,slope", ACTS + [("leaky_relu", 1.5), ("leaky_relu", -0.3)])
 def test_activation_only(device, backend, act, slope):
     needs_backend_here(backend, device)
     z, params, dy = _case((2, 3, 9, 8), torch.float32, device, affine=False, normalize=False)

@@ -20,6 +20,7 @@ GEOMETRIES = {
     "convT_k4s2p1": (True, 2, 1, 4, "relu", 0.0),
     "convT_1to4": (True, 4, 0, 1, "relu", 0.0),
     "conv_4to1": (False, 4, 0, 4, "leaky_relu", 0.2),
+    "conv_k4s2p1_steep_slope": (False, 2, 1, 8, "leaky_relu", 1.5),  # LeakyReLU as a min, not a max
 }
 
 

@@ -205,6 +205,19 @@ def test_efficiency_target(audit, level, target):
     assert not missed, f"{len(missed)} {level} launches miss '{target}':\n" + "\n".join(missed)
 
 
+def test_heavy_launches_issue_no_more_than_their_baseline(audit):
+    """The ratchet under the "issue" target: no heavy launch's issue : MMA ratio grows past the one recorded in
+    tests/sm90_issue_baseline.json for this triton version (written by `python tests/sm90.py --write-baseline`),
+    so a kernel change that costs instructions per K-step shows here even while the target itself is not met."""
+    baselines = json.loads(Path(__file__).with_name("sm90_issue_baseline.json").read_text())
+    version = f"triton {audit['triton']}"
+    assert version in baselines, f"no baseline for {version}: record one with tests/sm90.py --write-baseline"
+    baseline, now = baselines[version], audit["issue_ratios"]
+    assert now.keys() == baseline.keys(), "heavy launches changed: record the baseline again (--write-baseline)"
+    worse = [f"{key}: {now[key]:.2f} > {baseline[key]:.2f}" for key in now if now[key] > baseline[key] + 0.02]
+    assert not worse, "issue : MMA cycles grew:\n" + "\n".join(worse)
+
+
 def test_l1_reductions_reduce_across_the_block_once(audit):
     """No barrier or shuffle inside the reduction loop: each program reduces across its block once, at the end."""
     rows = _efficiency(audit, "L1")
