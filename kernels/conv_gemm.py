@@ -71,34 +71,41 @@ def _along(v, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _load_operand(ptrs, q_ptrs, pix_ok, chan, chan_mask, coef_ptr, C, slope,
-                  PRO: tl.constexpr, ACT: tl.constexpr, AXIS: tl.constexpr, ACC: tl.constexpr):
-    """A GEMM operand tile: act(t*u + q*v + w), (u, v, w) = coef[:, chan], with the channels along AXIS of the
-    tile and the pixels along the other; zero where a pixel or channel is masked off.
+def _channel_map(coef_ptr, chan, chan_mask, C, t_dtype, ACC: tl.constexpr):
+    """(u, v, w) = coef[:, chan] as vectors in the dtype the prologue maps t in (see :func:`_load_operand`); 0 on
+    masked-off channels."""
+    if t_dtype.primitive_bitwidth == 16:
+        MATH: tl.constexpr = t_dtype
+    else:
+        MATH: tl.constexpr = ACC
+    u = tl.load(coef_ptr + chan, mask=chan_mask, other=0.0).to(MATH)
+    v = tl.load(coef_ptr + C + chan, mask=chan_mask, other=0.0).to(MATH)
+    w = tl.load(coef_ptr + 2 * C + chan, mask=chan_mask, other=0.0).to(MATH)
+    return u, v, w
 
-    The convolution's zero padding applies to the activation, not to t: a masked element loads 0, its channel's
-    (u, v, w) load 0 where the channel is masked off and w is zeroed where the pixel is, so y = 0 and act(0) = 0,
-    without a select per element.  16-bit operands are mapped in their own dtype, two lanes per instruction
-    (HFMA2): its rounding of (u, v, w) and y adds an error of the size that storing t in 16 bits already has."""
+
+@triton.jit
+def _load_operand(ptrs, q_ptrs, pix_ok, chan_mask, u, v, w, slope,
+                  PRO: tl.constexpr, ACT: tl.constexpr, AXIS: tl.constexpr):
+    """A GEMM operand tile: act(t*u + q*v + w), (u, v, w) the channels' map from :func:`_channel_map`, with the
+    channels along AXIS of the tile and the pixels along the other; zero where a pixel or channel is masked off.
+
+    The convolution's zero padding applies to the activation, not to t: a masked element loads 0, a masked-off
+    channel's (u, v, w) are 0 and w is zeroed where the pixel is masked, so y = 0 and act(0) = 0, without a select
+    per element.  16-bit operands are mapped in their own dtype, two lanes per instruction (HFMA2): its rounding
+    of (u, v, w) and y adds an error of the size that storing t in 16 bits already has."""
     if AXIS == 0:
         mask = chan_mask[:, None] & pix_ok[None, :]
     else:
         mask = pix_ok[:, None] & chan_mask[None, :]
     x = tl.load(ptrs, mask=mask, other=0.0)
-    if x.dtype.primitive_bitwidth == 16:
-        MATH: tl.constexpr = x.dtype
-    else:
-        MATH: tl.constexpr = ACC
     if PRO != PRO_NONE:
-        u = _along(tl.load(coef_ptr + chan, mask=chan_mask, other=0.0).to(MATH), AXIS)
-        w = _along(tl.load(coef_ptr + 2 * C + chan, mask=chan_mask, other=0.0).to(MATH), AXIS)
-        y = tl.fma(x.to(MATH), u, w * _along(pix_ok.to(MATH), 1 - AXIS))
+        y = tl.fma(x.to(u.dtype), _along(u, AXIS), _along(w, AXIS) * _along(pix_ok.to(u.dtype), 1 - AXIS))
         if PRO == PRO_BACKWARD:
-            v = _along(tl.load(coef_ptr + C + chan, mask=chan_mask, other=0.0).to(MATH), AXIS)
-            y = tl.fma(tl.load(q_ptrs, mask=mask, other=0.0).to(MATH), v, y)
+            y = tl.fma(tl.load(q_ptrs, mask=mask, other=0.0).to(u.dtype), _along(v, AXIS), y)
         x = _activate(y, slope, ACT).to(x.dtype)
     elif ACT != NO_ACTIVATION:
-        x = _activate(x.to(MATH), slope, ACT).to(x.dtype)
+        x = _activate(x.to(u.dtype), slope, ACT).to(x.dtype)
     return x
 
 
@@ -187,8 +194,8 @@ def _conv_kernel(src_ptr, q_ptr, pro_coef_ptr, w_ptr, out_ptr, z_ptr, epi_coef_p
         else:
             k_mask = chans < C_in
             b_mask = k_mask[:, None] & col_mask[None, :]
-        a = _load_operand(a_ptrs + a_step, q_ptrs + a_step, row_ok, chans, k_mask, pro_coef_ptr, C_in, SLOPE_IN,
-                          PRO, ACT_IN, 1, ACC)
+        u, v, w = _channel_map(pro_coef_ptr, chans, k_mask & (PRO != PRO_NONE), C_in, src_ptr.dtype.element_ty, ACC)
+        a = _load_operand(a_ptrs + a_step, q_ptrs + a_step, row_ok, k_mask, u, v, w, SLOPE_IN, PRO, ACT_IN, 1)
         b = tl.load(b_ptrs + b_step, mask=b_mask, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
         k0 += BLOCK_K
@@ -261,6 +268,11 @@ def _wgrad_kernel(lo_ptr, lo_q_ptr, lo_coef_ptr, hi_ptr, hi_q_ptr, hi_coef_ptr, 
     hi_lane = lane_n * h_n + (S * lane_i - P + kh) * h_h + (S * lane_j - P + kw) * h_w
     b_ptrs = hi_ptr + hi_lane[:, None] + (hi_c * h_c)[None, :]
     b_q_ptrs = hi_q_ptr + hi_lane[:, None] + (hi_c * h_c)[None, :]
+    # The channels' maps are the same for every K step: loaded once.
+    lo_u, lo_v, lo_w = _channel_map(lo_coef_ptr, lo_c, lo_mask & (PRO_LO != PRO_NONE), C_lo,
+                                    lo_ptr.dtype.element_ty, ACC)
+    hi_u, hi_v, hi_w = _channel_map(hi_coef_ptr, hi_c, hi_mask & (PRO_HI != PRO_NONE), C_hi,
+                                    hi_ptr.dtype.element_ty, ACC)
     n_start = split * images_per_split
     n_end = tl.minimum(n_start + images_per_split, N)
     blocks_h = tl.cdiv(H_lo, block_h)
@@ -281,10 +293,10 @@ def _wgrad_kernel(lo_ptr, lo_q_ptr, lo_coef_ptr, hi_ptr, hi_q_ptr, hi_coef_ptr, 
         hi_ok = lo_ok & (hh >= 0) & (hh < H_hi) & (hw >= 0) & (hw < W_hi)
         lo_step = n0 * l_n + i0 * l_h + j0 * l_w
         hi_step = n0 * h_n + S * (i0 * h_h + j0 * h_w)
-        a = _load_operand(a_ptrs + lo_step, a_q_ptrs + lo_step, lo_ok, lo_c, lo_mask, lo_coef_ptr, C_lo, SLOPE_LO,
-                          PRO_LO, ACT_LO, 0, ACC)
-        b = _load_operand(b_ptrs + hi_step, b_q_ptrs + hi_step, hi_ok, hi_c, hi_mask, hi_coef_ptr, C_hi, SLOPE_HI,
-                          PRO_HI, ACT_HI, 1, ACC)
+        a = _load_operand(a_ptrs + lo_step, a_q_ptrs + lo_step, lo_ok, lo_mask, lo_u, lo_v, lo_w, SLOPE_LO, PRO_LO,
+                          ACT_LO, 0)
+        b = _load_operand(b_ptrs + hi_step, b_q_ptrs + hi_step, hi_ok, hi_mask, hi_u, hi_v, hi_w, SLOPE_HI, PRO_HI,
+                          ACT_HI, 1)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
         # The next block: along the row, then down the image, then the next images.
         j0 += block_w

@@ -133,16 +133,20 @@ def block_k(block_k16, elem):
 
 
 # (BLOCK_N, BLOCK_K for 16-bit operands, warps, stages), in order of preference; BLOCK_M is the host's.
-CONV_TILES = ((128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4), (32, 64, 4, 4), (16, 64, 4, 4),
-              (16, 32, 4, 2))
+# The first fits only where the problem clips BLOCK_M or BLOCK_N to 64: there a K step twice as deep halves the
+# loop's fixed instructions per multiply-add.
+CONV_TILES = ((128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4), (32, 64, 4, 4),
+              (16, 64, 4, 4), (16, 32, 4, 2))
 # (BLOCK_K for 16-bit operands, warps, stages); BLOCK_M x BLOCK_N come from the channel counts.
 WGRAD_TILES = ((128, 8, 3), (64, 8, 3), (64, 4, 4), (32, 4, 4), (32, 4, 2))
 
 
 def conv_candidates(block_m, c_in, c_out, g, device):
-    """The conv tiles that fit, in order of preference; the widths are capped by the problem's (at least 16)."""
+    """The conv tiles that fit, in order of preference; BLOCK_N is capped by the output channels (rounded up to a
+    power of two), BLOCK_K by the input channels (rounded down: no K step deeper than the channels it reduces;
+    both at least 16)."""
     widest_n = max(16, 1 << (c_out - 1).bit_length())
-    widest_k = max(16, 1 << (c_in - 1).bit_length())
+    widest_k = max(16, 1 << (c_in.bit_length() - 1))
     tiles = dict.fromkeys(Tile(block_m, min(n, widest_n), min(block_k(k, g.elem), widest_k), w, s)
                           for n, k, w, s in CONV_TILES)
     return [t for t in tiles if fits(t, g, device)]
