@@ -46,8 +46,8 @@ def _tanh(x):
 
 @triton.jit
 def _activate(pre, slope, ACT: tl.constexpr):
-    # In pre's own dtype (16-bit: two lanes per instruction), as min/max that propagate NaN as torch does;
-    # act(0) = 0 for every activation (the convolutions' prologue relies on it).
+    # ReLU and LeakyReLU in pre's own dtype (bf16: two lanes an instruction), as min/max that propagate NaN as
+    # torch does; Tanh in fp32 or fp64.  act(0) = 0 for every activation (the convolutions' prologue relies on it).
     if ACT == RELU:
         return tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == LEAKY_RELU:

@@ -39,7 +39,7 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
 from . import activations, outputs, tiling
-from .bn_act import NO_ACTIVATION, _activate, _activation_grad, update_running_stats
+from .bn_act import NO_ACTIVATION, TANH, _activate, _activation_grad, update_running_stats
 from .geometry import Geometry
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -71,41 +71,49 @@ def _along(v, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _channel_map(coef_ptr, chan, chan_mask, C, t_dtype, ACC: tl.constexpr):
-    """(u, v, w) = coef[:, chan] as vectors in the dtype the prologue maps t in (see :func:`_load_operand`); 0 on
-    masked-off channels."""
-    if t_dtype.primitive_bitwidth == 16:
+def _channel_map(coef_ptr, chan, chan_mask, C, t_dtype, PRO: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr):
+    """(t_scale, q_scale, shift) = coef[:, chan], the per-channel map of :func:`_load_operand`: 0 on masked-off
+    channels, and all 0 without a map (PRO_NONE loads nothing).
+
+    In the dtype the prologue maps in: bf16 for a bf16 operand, two lanes an instruction (HFMA2, HMUL2, HMNMX2),
+    else the accumulation dtype.  fp16's range could not hold every shift (beta - mean*gamma*invstd of a channel
+    with a large mean and a small spread overflows it), and Tanh needs fp32."""
+    if t_dtype.is_bf16() and ACT != TANH:
         MATH: tl.constexpr = t_dtype
     else:
         MATH: tl.constexpr = ACC
-    u = tl.load(coef_ptr + chan, mask=chan_mask, other=0.0).to(MATH)
-    v = tl.load(coef_ptr + C + chan, mask=chan_mask, other=0.0).to(MATH)
-    w = tl.load(coef_ptr + 2 * C + chan, mask=chan_mask, other=0.0).to(MATH)
-    return u, v, w
+    mapped = chan_mask & (PRO != PRO_NONE)
+    t_scale = tl.load(coef_ptr + chan, mask=mapped, other=0.0).to(MATH)
+    q_scale = tl.load(coef_ptr + C + chan, mask=mapped & (PRO == PRO_BACKWARD), other=0.0).to(MATH)
+    shift = tl.load(coef_ptr + 2 * C + chan, mask=mapped, other=0.0).to(MATH)
+    return t_scale, q_scale, shift
 
 
 @triton.jit
-def _load_operand(ptrs, q_ptrs, pix_ok, chan_mask, u, v, w, slope,
+def _load_operand(ptrs, q_ptrs, pix_ok, chan_mask, t_scale, q_scale, shift, slope,
                   PRO: tl.constexpr, ACT: tl.constexpr, AXIS: tl.constexpr):
-    """A GEMM operand tile: act(t*u + q*v + w), (u, v, w) the channels' map from :func:`_channel_map`, with the
-    channels along AXIS of the tile and the pixels along the other; zero where a pixel or channel is masked off.
+    """A GEMM operand tile: act(t*t_scale + q*q_scale + shift), the channels' map from :func:`_channel_map` and in
+    its dtype, with the channels along AXIS of the tile and the pixels along the other; zero where a pixel or
+    channel is masked off.
 
     The convolution's zero padding applies to the activation, not to t: a masked element loads 0, a masked-off
-    channel's (u, v, w) are 0 and w is zeroed where the pixel is masked, so y = 0 and act(0) = 0, without a select
-    per element.  16-bit operands are mapped in their own dtype, two lanes per instruction (HFMA2): its rounding
-    of (u, v, w) and y adds an error of the size that storing t in 16 bits already has."""
+    channel's map is 0 and the shift is zeroed where the pixel is masked, so y = 0 and act(0) = 0, without a
+    select per element (a non-finite shift, from non-finite statistics, makes the padding NaN too).  A bf16 map
+    rounds the map and the LeakyReLU slope to bf16: a relative error of at most 2**-9 per channel, below half a
+    bf16 step of the output, of the size that storing t in bf16 already has."""
     if AXIS == 0:
         mask = chan_mask[:, None] & pix_ok[None, :]
     else:
         mask = pix_ok[:, None] & chan_mask[None, :]
     x = tl.load(ptrs, mask=mask, other=0.0)
+    MATH: tl.constexpr = t_scale.dtype
     if PRO != PRO_NONE:
-        y = tl.fma(x.to(u.dtype), _along(u, AXIS), _along(w, AXIS) * _along(pix_ok.to(u.dtype), 1 - AXIS))
+        y = tl.fma(x.to(MATH), _along(t_scale, AXIS), _along(shift, AXIS) * _along(pix_ok.to(MATH), 1 - AXIS))
         if PRO == PRO_BACKWARD:
-            y = tl.fma(tl.load(q_ptrs, mask=mask, other=0.0).to(u.dtype), _along(v, AXIS), y)
+            y = tl.fma(tl.load(q_ptrs, mask=mask, other=0.0).to(MATH), _along(q_scale, AXIS), y)
         x = _activate(y, slope, ACT).to(x.dtype)
     elif ACT != NO_ACTIVATION:
-        x = _activate(x.to(u.dtype), slope, ACT).to(x.dtype)
+        x = _activate(x.to(MATH), slope, ACT).to(x.dtype)
     return x
 
 
@@ -194,8 +202,10 @@ def _conv_kernel(src_ptr, q_ptr, pro_coef_ptr, w_ptr, out_ptr, z_ptr, epi_coef_p
         else:
             k_mask = chans < C_in
             b_mask = k_mask[:, None] & col_mask[None, :]
-        u, v, w = _channel_map(pro_coef_ptr, chans, k_mask & (PRO != PRO_NONE), C_in, src_ptr.dtype.element_ty, ACC)
-        a = _load_operand(a_ptrs + a_step, q_ptrs + a_step, row_ok, k_mask, u, v, w, SLOPE_IN, PRO, ACT_IN, 1)
+        t_scale, q_scale, shift = _channel_map(pro_coef_ptr, chans, k_mask, C_in, src_ptr.dtype.element_ty, PRO,
+                                               ACT_IN, ACC)
+        a = _load_operand(a_ptrs + a_step, q_ptrs + a_step, row_ok, k_mask, t_scale, q_scale, shift, SLOPE_IN, PRO,
+                          ACT_IN, 1)
         b = tl.load(b_ptrs + b_step, mask=b_mask, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
         k0 += BLOCK_K
@@ -269,10 +279,10 @@ def _wgrad_kernel(lo_ptr, lo_q_ptr, lo_coef_ptr, hi_ptr, hi_q_ptr, hi_coef_ptr, 
     b_ptrs = hi_ptr + hi_lane[:, None] + (hi_c * h_c)[None, :]
     b_q_ptrs = hi_q_ptr + hi_lane[:, None] + (hi_c * h_c)[None, :]
     # The channels' maps are the same for every K step: loaded once.
-    lo_u, lo_v, lo_w = _channel_map(lo_coef_ptr, lo_c, lo_mask & (PRO_LO != PRO_NONE), C_lo,
-                                    lo_ptr.dtype.element_ty, ACC)
-    hi_u, hi_v, hi_w = _channel_map(hi_coef_ptr, hi_c, hi_mask & (PRO_HI != PRO_NONE), C_hi,
-                                    hi_ptr.dtype.element_ty, ACC)
+    lo_scale, lo_q_scale, lo_shift = _channel_map(lo_coef_ptr, lo_c, lo_mask, C_lo, lo_ptr.dtype.element_ty, PRO_LO,
+                                                  ACT_LO, ACC)
+    hi_scale, hi_q_scale, hi_shift = _channel_map(hi_coef_ptr, hi_c, hi_mask, C_hi, hi_ptr.dtype.element_ty, PRO_HI,
+                                                  ACT_HI, ACC)
     n_start = split * images_per_split
     n_end = tl.minimum(n_start + images_per_split, N)
     blocks_h = tl.cdiv(H_lo, block_h)
@@ -293,10 +303,10 @@ def _wgrad_kernel(lo_ptr, lo_q_ptr, lo_coef_ptr, hi_ptr, hi_q_ptr, hi_coef_ptr, 
         hi_ok = lo_ok & (hh >= 0) & (hh < H_hi) & (hw >= 0) & (hw < W_hi)
         lo_step = n0 * l_n + i0 * l_h + j0 * l_w
         hi_step = n0 * h_n + S * (i0 * h_h + j0 * h_w)
-        a = _load_operand(a_ptrs + lo_step, a_q_ptrs + lo_step, lo_ok, lo_mask, lo_u, lo_v, lo_w, SLOPE_LO, PRO_LO,
-                          ACT_LO, 0)
-        b = _load_operand(b_ptrs + hi_step, b_q_ptrs + hi_step, hi_ok, hi_mask, hi_u, hi_v, hi_w, SLOPE_HI, PRO_HI,
-                          ACT_HI, 1)
+        a = _load_operand(a_ptrs + lo_step, a_q_ptrs + lo_step, lo_ok, lo_mask, lo_scale, lo_q_scale, lo_shift,
+                          SLOPE_LO, PRO_LO, ACT_LO, 0)
+        b = _load_operand(b_ptrs + hi_step, b_q_ptrs + hi_step, hi_ok, hi_mask, hi_scale, hi_q_scale, hi_shift,
+                          SLOPE_HI, PRO_HI, ACT_HI, 1)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
         # The next block: along the row, then down the image, then the next images.
         j0 += block_w
@@ -396,8 +406,12 @@ def _config(tile, names):
                          num_stages=tile.stages)
 
 
-def _operand(pro, act):
-    return tiling.Operand(2 if pro == PRO_BACKWARD else 1, bool(pro != PRO_NONE or act != 0))
+def _operand(pro, act, dtype):
+    """How an operand of ``dtype`` with prologue ``pro`` and activation ``act`` reaches the dot (_channel_map's
+    rule for the map's dtype)."""
+    mapped = bool(pro != PRO_NONE or act != 0)
+    packed = mapped and dtype == torch.bfloat16 and act != activations.TANH
+    return tiling.Operand(2 if pro == PRO_BACKWARD else 1, mapped, packed)
 
 
 def _no_tile(what, dtype):
@@ -413,7 +427,7 @@ def _conv_candidates(x, C_in, C_out, block_m, n_parts, pro, act, precision):
     device = tiling.device_of(x.device)
     key = ("conv", x.dtype, C_in, C_out, block_m, n_parts, pro, act, precision, device)
     if key not in _candidates:
-        g = tiling.gemm(x.element_size(), precision == "ieee", _operand(pro, act), tiling.Operand())
+        g = tiling.gemm(x.element_size(), precision == "ieee", _operand(pro, act, x.dtype), tiling.Operand())
         tiles = tiling.conv_candidates(block_m, C_in, C_out, g, device)
         if not tiles:
             raise _no_tile("conv", x.dtype)
@@ -427,7 +441,8 @@ def _wgrad_candidates(lo, C_lo, C_hi, pro_lo, act_lo, pro_hi, act_hi, precision)
     device = tiling.device_of(lo.device)
     key = ("wgrad", lo.dtype, C_lo, C_hi, pro_lo, act_lo, pro_hi, act_hi, precision, device)
     if key not in _candidates:
-        g = tiling.gemm(lo.element_size(), precision == "ieee", _operand(pro_lo, act_lo), _operand(pro_hi, act_hi))
+        g = tiling.gemm(lo.element_size(), precision == "ieee", _operand(pro_lo, act_lo, lo.dtype),
+                        _operand(pro_hi, act_hi, lo.dtype))
         tiles = tiling.wgrad_candidates(C_lo, C_hi, g, device)
         if not tiles:
             raise _no_tile("wgrad", lo.dtype)

@@ -14,12 +14,12 @@ asserts that the estimate is never below what the compiler allocates):
     plus 8 KB for the epilogue's reductions and barriers (4.5 KB the most seen).
 
 Registers: what the dot and the prologue hold per thread, the accumulator plus the mapped tiles (32-bit words;
-16-bit operands are mapped in their own dtype, others in the accumulation dtype), must stay within half the 255
-registers a thread may have; the rest goes to the gathered loads' addresses and masks.  Tiles over it compile at the register cap and spill.  The dots on
-CUDA cores (fp64, exact fp32) keep their operand fragments in registers too: there the accumulator alone stays
-within 32 words and the wgrad's BLOCK_N within 64.  Both rules come from the static data (triton 3.8, sm_90):
-every exact-fp32 wgrad with a 128-wide B spilled, and tiles with 64 accumulator words per thread spilled up to
-6 KB (ptxas falling back to 32 registers).
+a bf16 map holds two lanes a word, the others map in the accumulation dtype), must stay within half the 255
+registers a thread may have; the rest goes to the gathered loads' addresses and masks.  Tiles over it compile
+at the register cap and spill.  The dots on CUDA cores (fp64, exact fp32) keep their operand fragments in
+registers too: there the accumulator alone stays within 32 words and the wgrad's BLOCK_N within 64.  Both
+rules come from the static data (triton 3.8, sm_90): every exact-fp32 wgrad with a 128-wide B spilled, and tiles
+with 64 accumulator words per thread spilled up to 6 KB (ptxas falling back to 32 registers).
 
 ``FASTGAN_AUTOTUNE=1`` makes conv_gemm benchmark every candidate that fits (the first call per shape compiles
 them all); otherwise a launch compiles one kernel, the first candidate (:func:`pick_conv`'s for the conv).
@@ -68,6 +68,7 @@ class Operand(NamedTuple):
     """How a GEMM operand tile reaches the dot."""
     tensors: int = 1      # global tensors read per element: 2 for the BN backward map (g and z)
     mapped: bool = False  # through a per-channel map or activation in registers
+    packed: bool = False  # mapped in bf16, two lanes a 32-bit register (else in the accumulation dtype)
 
 
 class Gemm(NamedTuple):
@@ -108,11 +109,11 @@ def _words(elems, elem_bytes, tile):
 
 
 def live_words(tile, g):
-    """32-bit words per thread of the accumulator and the mapped operand tiles (mapped in the operand dtype when
-    it is 16-bit, two lanes a word; else in the accumulation dtype)."""
+    """32-bit words per thread of the accumulator and the mapped operand tiles."""
     m, n, k = tile.block_m, tile.block_n, tile.block_k
-    mapped = sum(op.tensors * elems for op, elems in ((g.a, m * k), (g.b, k * n)) if op.mapped)
-    return _words(m * n, g.acc, tile) + _words(mapped, g.elem if g.elem == 2 else g.acc, tile)
+    mapped = sum(_words(op.tensors * elems, 2 if op.packed else g.acc, tile)
+                 for op, elems in ((g.a, m * k), (g.b, k * n)) if op.mapped)
+    return _words(m * n, g.acc, tile) + mapped
 
 
 LIVE_WORDS = MAX_REGISTERS // 2
@@ -133,8 +134,8 @@ def block_k(block_k16, elem):
 
 
 # (BLOCK_N, BLOCK_K for 16-bit operands, warps, stages), in order of preference; BLOCK_M is the host's.
-# The first fits only where the problem clips BLOCK_M or BLOCK_N to 64: there a K step twice as deep halves the
-# loop's fixed instructions per multiply-add.
+# The first fits where the problem clips BLOCK_M or BLOCK_N to 64 (or A takes no map): a K step twice as deep
+# halves the loop's fixed instructions per multiply-add.
 CONV_TILES = ((128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4), (32, 64, 4, 4),
               (16, 64, 4, 4), (16, 32, 4, 2))
 # (BLOCK_K for 16-bit operands, warps, stages); BLOCK_M x BLOCK_N come from the channel counts.
@@ -142,9 +143,9 @@ WGRAD_TILES = ((128, 8, 3), (64, 8, 3), (64, 4, 4), (32, 4, 4), (32, 4, 2))
 
 
 def conv_candidates(block_m, c_in, c_out, g, device):
-    """The conv tiles that fit, in order of preference; BLOCK_N is capped by the output channels (rounded up to a
-    power of two), BLOCK_K by the input channels (rounded down: no K step deeper than the channels it reduces;
-    both at least 16)."""
+    """The conv tiles that fit, in order of preference.  BLOCK_N is capped by the output channels rounded up to a
+    power of two, BLOCK_K by the input channels rounded down (no K step deeper than the channels it reduces);
+    both caps are 16 at least."""
     widest_n = max(16, 1 << (c_out - 1).bit_length())
     widest_k = max(16, 1 << (c_in.bit_length() - 1))
     tiles = dict.fromkeys(Tile(block_m, min(n, widest_n), min(block_k(k, g.elem), widest_k), w, s)

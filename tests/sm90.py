@@ -712,10 +712,13 @@ def estimate(variant):
     if variant.kernel not in GEMMS:
         return None
     elem = ELEMENT_BYTES[variant.dtype()]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+             "fp64": torch.float64}[variant.dtype()]
     if variant.kernel == "_conv_kernel":
-        a, b = conv_gemm._operand(ce["PRO"], ce["ACT_IN"]), tiling.Operand()
+        a, b = conv_gemm._operand(ce["PRO"], ce["ACT_IN"], dtype), tiling.Operand()
     else:
-        a, b = conv_gemm._operand(ce["PRO_LO"], ce["ACT_LO"]), conv_gemm._operand(ce["PRO_HI"], ce["ACT_HI"])
+        a = conv_gemm._operand(ce["PRO_LO"], ce["ACT_LO"], dtype)
+        b = conv_gemm._operand(ce["PRO_HI"], ce["ACT_HI"], dtype)
     g = tiling.gemm(elem, ce["PRECISION"] == "ieee", a, b)
     tile = tiling.Tile(ce["BLOCK_M"], ce["BLOCK_N"], ce["BLOCK_K"], variant.warps, variant.stages)
     return dict(shared=tiling.shared_memory(tile, g), live_words=tiling.live_words(tile, g),

@@ -21,6 +21,7 @@ GEOMETRIES = {
     "convT_1to4": (True, 4, 0, 1, "relu", 0.0),
     "conv_4to1": (False, 4, 0, 4, "leaky_relu", 0.2),
     "conv_k4s2p1_steep_slope": (False, 2, 1, 8, "leaky_relu", 1.5),  # LeakyReLU as a min, not a max
+    "convT_k4s2p1_tanh": (True, 2, 1, 4, "tanh", 0.0),  # mapped in fp32 whatever the operand's dtype
 }
 
 
@@ -30,7 +31,7 @@ def _torch_conv(x, w, up, stride, padding):
 
 
 def _act(t, act, slope):
-    return F.relu(t) if act == "relu" else F.leaky_relu(t, slope)
+    return {"relu": F.relu, "tanh": torch.tanh}.get(act, lambda t: F.leaky_relu(t, slope))(t)
 
 
 def _randn(gen, *shape, scale=1.0, shift=0.0):
