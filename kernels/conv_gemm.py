@@ -53,6 +53,9 @@ EPI_STATS: tl.constexpr = tl.constexpr(1)     # and the per-tile Welford partial
 EPI_GRAD: tl.constexpr = tl.constexpr(2)      # g = acc*act'(z) of the layer below, and its BN backward partials
 KERNEL: tl.constexpr = tl.constexpr(4)        # DCGAN's kernels are KERNEL x KERNEL
 KERNEL_TAPS: tl.constexpr = tl.constexpr(16)  # KERNEL * KERNEL
+SPAN_PART: tl.constexpr = tl.constexpr(0)     # a wgrad K step's block of positions: part of a row
+SPAN_ROWS: tl.constexpr = tl.constexpr(1)     # whole rows
+SPAN_IMAGES: tl.constexpr = tl.constexpr(2)   # whole images
 
 
 def _value(code):
@@ -248,7 +251,8 @@ def _conv_kernel(src_ptr, q_ptr, pro_coef_ptr, w_ptr, out_ptr, z_ptr, epi_coef_p
 def _wgrad_kernel(lo_ptr, lo_q_ptr, lo_coef_ptr, hi_ptr, hi_q_ptr, hi_coef_ptr, dw_ptr,
                   C_lo, H_lo, W_lo, C_hi, H_hi, W_hi, N, images_per_split, block_h, block_w,
                   l_n, l_c, l_h, l_w, h_n, h_c, h_h, h_w, d_split, d_lo, d_hi,
-                  S: tl.constexpr, P: tl.constexpr, EVEN_HW: tl.constexpr,
+                  S: tl.constexpr, P: tl.constexpr, EVEN_N: tl.constexpr, EVEN_HW: tl.constexpr,
+                  SPAN: tl.constexpr,
                   PRO_LO: tl.constexpr, ACT_LO: tl.constexpr, SLOPE_LO: tl.constexpr,
                   PRO_HI: tl.constexpr, ACT_HI: tl.constexpr, SLOPE_HI: tl.constexpr,
                   ACC: tl.constexpr, PRECISION: tl.constexpr,
@@ -259,7 +263,10 @@ def _wgrad_kernel(lo_ptr, lo_q_ptr, lo_coef_ptr, hi_ptr, hi_q_ptr, hi_coef_ptr, 
     A K step covers a block of BLOCK_K positions: BLOCK_K / (block_h*block_w) images x block_h rows x block_w
     columns (powers of two; block_h*block_w <= BLOCK_K).  A lane's place in the block is worked out once, so a
     K step moves three scalar block coordinates and no lane divides.
-    EVEN_HW: block_h divides H_lo and block_w divides W_lo (no block reaches past the image)."""
+    EVEN_N: every split holds images_per_split images, whole K steps of them (no lane past the split's images).
+    EVEN_HW: block_h divides H_lo and block_w divides W_lo (no block reaches past the image).
+    SPAN: SPAN_ROWS where a block spans whole rows (block_w = W_lo: the block's column never moves), SPAN_IMAGES
+    where it spans whole images (its row and column never move), else SPAN_PART."""
     lo_c = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     hi_c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     lo_mask = lo_c < C_lo
@@ -297,7 +304,10 @@ def _wgrad_kernel(lo_ptr, lo_q_ptr, lo_coef_ptr, hi_ptr, hi_q_ptr, hi_coef_ptr, 
         j = j0 + lane_j
         hh = S * i - P + kh
         hw = S * j - P + kw
-        lo_ok = n0 + lane_n < n_end
+        if EVEN_N:
+            lo_ok = tl.full([BLOCK_K], 1, tl.int1)
+        else:
+            lo_ok = n0 + lane_n < n_end
         if not EVEN_HW:
             lo_ok &= (i < H_lo) & (j < W_lo)
         hi_ok = lo_ok & (hh >= 0) & (hh < H_hi) & (hw >= 0) & (hw < W_hi)
@@ -308,14 +318,21 @@ def _wgrad_kernel(lo_ptr, lo_q_ptr, lo_coef_ptr, hi_ptr, hi_q_ptr, hi_coef_ptr, 
         b = _load_operand(b_ptrs + hi_step, b_q_ptrs + hi_step, hi_ok, hi_mask, hi_scale, hi_q_scale, hi_shift,
                           SLOPE_HI, PRO_HI, ACT_HI, 1)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
-        # The next block: along the row, then down the image, then the next images.
-        j0 += block_w
-        row_done = j0 >= W_lo
-        j0 = tl.where(row_done, 0, j0)
-        i0 += tl.where(row_done, block_h, 0)
-        image_done = i0 >= H_lo
-        i0 = tl.where(image_done, 0, i0)
-        n0 += tl.where(image_done, block_images, 0)
+        # The next block: along the row, then down the image, then the next images.  A coordinate that never
+        # moves stays a constant, so the validity of the lanes along it is worked out once, before the loop.
+        if SPAN == SPAN_PART:
+            j0 += block_w
+            row_done = j0 >= W_lo
+            j0 = tl.where(row_done, 0, j0)
+            i0 += tl.where(row_done, block_h, 0)
+        elif SPAN == SPAN_ROWS:
+            i0 += block_h
+        if SPAN == SPAN_IMAGES:
+            n0 += block_images
+        else:
+            image_done = i0 >= H_lo
+            i0 = tl.where(image_done, 0, i0)
+            n0 += tl.where(image_done, block_images, 0)
     offs = split * d_split + (lo_c * d_lo)[:, None] + (hi_c * d_hi)[None, :] + tap
     tl.store(dw_ptr + offs, acc, mask=lo_mask[:, None] & hi_mask[None, :])
 
@@ -677,17 +694,21 @@ def wgrad(lo, hi, geometry, allow_tf32=True):
         outputs.check_int32("conv_gemm", name, t)
     precision = _precision(l.dtype, allow_tf32)
     if INTERPRETED:
-        tile = tiling.Tile(16, 16, 1024, 4, 1)
+        candidates = [tiling.Tile(16, 16, 1024, 4, 1)]
     else:
-        tile = _wgrad_candidates(l, C_lo, C_hi, lo.pro, lo.act, hi.pro, hi.act, precision)[0]
+        candidates = _wgrad_candidates(l, C_lo, C_hi, lo.pro, lo.act, hi.pro, hi.act, precision)
+    tile = candidates[0]
     block_m, block_n = tile.block_m, tile.block_n
     tiles = KERNEL_TAPS.value * triton.cdiv(C_lo, block_m) * triton.cdiv(C_hi, block_n)
     # K steps of BLOCK_K positions: blocks of whole rows where they fit the smallest BLOCK_K (16), then images.
     block_w = min(triton.next_power_of_2(W_lo), _MIN_BLOCK_K)
     block_h = min(triton.next_power_of_2(H_lo), _MIN_BLOCK_K // block_w)
-    # Split K (by images) so that the grid fills the device twice over, each split 256 positions at least.
+    # Split K (by images) so that the grid fills the device twice over, each split 256 positions at least.  A split
+    # holds a power of two of images, at least the most a K step of any candidate covers: where that divides N,
+    # every K step of every split is whole images (EVEN_N) and no lane of the low side is masked.
     splits = max(1, min(triton.cdiv(N * H_lo * W_lo, 256), triton.cdiv(2 * _sm_count(l.device), tiles), N))
-    images_per_split = triton.cdiv(N, splits)
+    most_images = max(t.block_k for t in candidates) // (block_h * block_w)
+    images_per_split = max(most_images, triton.next_power_of_2(triton.cdiv(N, splits)))
     splits = triton.cdiv(N, images_per_split)
     shape = (splits, C_lo, C_hi, KERNEL_TAPS.value)
     acc = outputs.accumulator_dtype(l.dtype)
@@ -699,7 +720,9 @@ def wgrad(lo, hi, geometry, allow_tf32=True):
     _launch(_wgrad_kernel, _wgrad_tuned, lambda meta: grid, tile, _WGRAD_TILE, (
         *lo.args(), *hi.args(), dw, C_lo, H_lo, W_lo, C_hi, H_hi, W_hi, N, images_per_split, block_h, block_w,
         *l.stride(), *h.stride(), *dw.stride()[:3]), dict(
-        S=geometry.stride, P=geometry.padding, EVEN_HW=H_lo % block_h == 0 and W_lo % block_w == 0,
+        S=geometry.stride, P=geometry.padding, EVEN_N=N % images_per_split == 0,
+        EVEN_HW=H_lo % block_h == 0 and W_lo % block_w == 0,
+        SPAN=_value(SPAN_PART if block_w < W_lo else SPAN_ROWS if block_h < H_lo else SPAN_IMAGES),
         PRO_LO=_value(lo.pro), ACT_LO=lo.act,
         SLOPE_LO=_slope(lo.act, lo.slope), PRO_HI=_value(hi.pro), ACT_HI=hi.act, SLOPE_HI=_slope(hi.act, hi.slope),
         ACC=outputs.triton_accumulator(l.dtype), PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n))

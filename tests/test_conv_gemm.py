@@ -103,6 +103,35 @@ def test_conv_kernels(name, dtype, device):
     assert_close(cg.wgrad(lo, hi, geometry, allow_tf32=False), w_ref.grad, mode, "dweight", grad=True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size,batch,span", [(8, 64, "SPAN_IMAGES"), (16, 64, "SPAN_ROWS"), (8, 24, "SPAN_IMAGES")])
+def test_wgrad_position_blocks(size, batch, span, device, monkeypatch):
+    """The wgrad's K steps over blocks of whole images or whole rows, with splits of whole K steps (EVEN_N: the low
+    side unmasked; batch 64 under the interpreter's BLOCK_K of 1024) and without (24 images), both sides mapped:
+    lo as the BN backward of (g, z), hi through BN + LeakyReLU."""
+    needs_triton_here(device)
+    from fastgan.kernels import conv_gemm as cg
+
+    launched = []
+    launch = cg._launch
+    monkeypatch.setattr(cg, "_launch", lambda *a: launched.append(a[-1]) or launch(*a))
+    gen = torch.Generator().manual_seed(1)
+    c_hi, c_lo = 3, 4
+    x = _randn(gen, batch, c_hi, size, size, shift=0.5).to(device)
+    g, z = (_randn(gen, batch, c_lo, size // 2, size // 2).to(device) for _ in range(2))
+    hi_map = torch.stack([_randn(gen, c_hi, shift=1.0), torch.zeros(c_hi), _randn(gen, c_hi)]).to(device)
+    lo_map = torch.stack([_randn(gen, c_lo, shift=1.0), _randn(gen, c_lo), _randn(gen, c_lo)]).to(device)
+    hi = F.leaky_relu(x * hi_map[0, :, None, None] + hi_map[2, :, None, None], 0.2)
+    lo = g * lo_map[0, :, None, None] + z * lo_map[1, :, None, None] + lo_map[2, :, None, None]
+    expected = torch.nn.grad.conv2d_weight(hi, (c_lo, c_hi, 4, 4), lo, stride=2, padding=1)
+
+    dw = cg.wgrad(cg.GemmInput(g, lo_map, q=z), cg.GemmInput(x, hi_map, act=fastgan.ops.ACTIVATIONS["leaky_relu"],
+                                                              slope=0.2), cg.Geometry(False, 2, 1), allow_tf32=False)
+    assert_close(dw, expected, "fp32", "dweight", grad=True)
+    assert launched[-1]["SPAN"] == getattr(cg, span).value
+    assert launched[-1]["EVEN_N"] == (batch % 64 == 0)
+
+
 # ----------------------------------------------------------------------------- chains in a FusedSequential
 
 def _generator_like(c=8, bn_last=False):
