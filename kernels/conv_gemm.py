@@ -265,7 +265,7 @@ def _wgrad_kernel(lo_ptr, lo_q_ptr, lo_coef_ptr, hi_ptr, hi_q_ptr, hi_coef_ptr, 
     K step moves three scalar block coordinates and no lane divides.
     EVEN_N: every split holds images_per_split images, whole K steps of them (no lane past the split's images).
     EVEN_HW: block_h divides H_lo and block_w divides W_lo (no block reaches past the image).
-    SPAN: SPAN_ROWS where a block spans whole rows (block_w = W_lo: the block's column never moves), SPAN_IMAGES
+    SPAN: SPAN_ROWS where a block spans whole rows (block_w >= W_lo: the block's column never moves), SPAN_IMAGES
     where it spans whole images (its row and column never move), else SPAN_PART."""
     lo_c = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     hi_c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
