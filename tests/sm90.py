@@ -78,7 +78,7 @@ LAYOUTS = ("nchw", "channels_last")
 LEVELS = ("L1", "L2")
 GEMMS = ("_conv_kernel", "_wgrad_kernel")
 REDUCTIONS = ("_moments_kernel", "_backward_reduce_kernel")  # L1's BN statistics and backward sums
-ELEMENT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 
 
 # ----------------------------------------------------------------------------- variants and launches
@@ -417,7 +417,7 @@ def _heaviest(members):
         area = 1
         for k, v in m.constexprs().items():
             area *= v if k.startswith("BLOCK") else 1
-        return area, ELEMENT_BYTES[m.dtype()], len(features(m) & set(top.items())), repr(m.spec)
+        return area, TORCH_DTYPES[m.dtype()].itemsize, len(features(m) & set(top.items())), repr(m.spec)
 
     return max(members, key=weight)
 
@@ -434,7 +434,7 @@ def representatives(variants):
             blocks = tuple((k, x) for k, x in v.constexprs().items() if k.startswith("BLOCK"))
             groups[v.kernel, "tile", blocks].append(v)
             groups[v.kernel, v.dtype_family()].append(v)
-        elif config in tiling_configs(v.kernel, ELEMENT_BYTES[v.dtype()]):
+        elif config in tiling_configs(v.kernel, TORCH_DTYPES[v.dtype()].itemsize):
             groups[v.kernel, v.dtype_family(), config].append(v)
     chosen = {_heaviest(members): None for _, members in sorted(groups.items(), key=lambda kv: repr(kv[0]))}
     return list(chosen)
@@ -711,15 +711,13 @@ def estimate(variant):
     ce = variant.constexprs()
     if variant.kernel not in GEMMS:
         return None
-    elem = ELEMENT_BYTES[variant.dtype()]
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-             "fp64": torch.float64}[variant.dtype()]
+    dtype = TORCH_DTYPES[variant.dtype()]
     if variant.kernel == "_conv_kernel":
         a, b = conv_gemm._operand(ce["PRO"], ce["ACT_IN"], dtype), tiling.Operand()
     else:
         a = conv_gemm._operand(ce["PRO_LO"], ce["ACT_LO"], dtype)
         b = conv_gemm._operand(ce["PRO_HI"], ce["ACT_HI"], dtype)
-    g = tiling.gemm(elem, ce["PRECISION"] == "ieee", a, b)
+    g = tiling.gemm(dtype.itemsize, ce["PRECISION"] == "ieee", a, b)
     tile = tiling.Tile(ce["BLOCK_M"], ce["BLOCK_N"], ce["BLOCK_K"], variant.warps, variant.stages)
     return dict(shared=tiling.shared_memory(tile, g), live_words=tiling.live_words(tile, g),
                 fits=tiling.fits(tile, g, tiling.SM90))
